@@ -1,0 +1,232 @@
+"""Data: class folders, the ratio subsample, robust image decoding, the uint8 cache, augmentation
+and the oversampling sampler.
+
+Pixels take one path everywhere: load_image() decodes a file, converts it to RGB and resizes it to
+(img_size, img_size) with PIL's bilinear filter (what torchvision's Resize does on a PIL image), as
+uint8. Training and evaluation both start from those uint8 pixels, kept in memory (the cache) or
+decoded again per visit (--no-cache); normalisation happens on the device, batch by batch.
+"""
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (about 9459 x 9459); larger headers are refused
+AUGMENTS = ("paper", "plain")
+
+
+class BadImage(Exception):
+    """A file that cannot become an image: unreadable, truncated, not an image, or a decompression bomb."""
+
+
+# ---------------------------------------------------------------- folders
+
+def _visible(name):
+    return not name.startswith(".")
+
+
+def list_class_folders(root):
+    """Sorted class folder names under root; hidden folders (.git, .ipynb_checkpoints) are never classes."""
+    if not os.path.isdir(root):
+        raise UserError(f"data folder {root} does not exist or is not a folder")
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name))
+
+
+def list_images(folder):
+    """Sorted image files under folder (recursively, like ImageFolder), skipping hidden files and folders."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if _visible(f) and f.lower().endswith(IMG_EXTENSIONS)]
+    return sorted(found)
+
+
+def find_class_images(root, classes, flag="--classes"):
+    """{class: [paths]} for the named class folders of root, in the order of classes."""
+    seen = set()
+    for c in classes:
+        if c in seen:
+            raise UserError(f"{flag} names {c!r} twice; give each class once")
+        seen.add(c)
+    available = list_class_folders(root)
+    missing = [c for c in classes if c not in available]
+    if missing:
+        raise UserError(f"{flag}: no folder {', '.join(repr(m) for m in missing)} in {root}; "
+                        f"the class folders there are: {', '.join(available) or '(none)'}")
+    images = {c: list_images(os.path.join(root, c)) for c in classes}
+    empty = [c for c in classes if not images[c]]
+    if empty:
+        raise UserError(f"class folder(s) {', '.join(os.path.join(root, c) for c in empty)} hold no image "
+                        f"(looked for {' '.join(IMG_EXTENSIONS)})")
+    return images
+
+
+def subsample(images, classes, ratio, max_per_class, seed):
+    """Pick the images of each class for the ratio.
+
+    The reference class (the first) keeps n_1 = min(its count, max_per_class) images; class k keeps
+    round(ratio_k / ratio_1 * n_1), at least 1. Images are chosen at random, reproducibly from seed.
+    Returns (paths, labels, counts, notes): labels follow the order of classes; counts is
+    {class: {"available", "requested", "selected"}}; notes are warnings for the user.
+    """
+    n_ref = len(images[classes[0]])
+    if max_per_class is not None:
+        n_ref = min(n_ref, max_per_class)
+    paths, labels, counts, notes = [], [], {}, []
+    for k, c in enumerate(classes):
+        exact = ratio[k] / ratio[0] * n_ref
+        requested = max(1, math.floor(exact + 0.5))
+        if math.floor(exact + 0.5) < 1:
+            notes.append(f"ratio {ratio[k]:g} of {n_ref} images gives {exact:.3g} image(s) for {c!r}; keeping 1")
+        available = len(images[c])
+        if available < requested:
+            notes.append(f"class {c!r} has {available} image(s) but the ratio asks for {requested}; using all {available}")
+        selected = min(requested, available)
+        rng = np.random.default_rng([seed, k])
+        chosen = np.sort(rng.choice(available, size=selected, replace=False))
+        paths += [images[c][i] for i in chosen]
+        labels += [k] * selected
+        counts[c] = {"available": available, "requested": requested, "selected": selected}
+    return paths, labels, counts, notes
+
+
+# ---------------------------------------------------------------- decoding
+
+def _to_rgb(im):
+    """Any PIL mode -> 8-bit RGB. 16- and 32-bit grey levels are scaled to 0..255, not clipped."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode != "I" or a.max(initial=0) > 255 else 255.0
+        a = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        im = Image.fromarray(a, mode="L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        top = a.max(initial=0)
+        a = a / top * 255.0 if top > 1.0 else a * 255.0
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def load_image(path, size):
+    """Decode path -> uint8 array (size, size, 3); BadImage if it is not a usable image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise BadImage(f"{im.width}x{im.height} pixels is over the {MAX_PIXELS} limit")
+                im.load()
+                rgb = _to_rgb(im).resize((size, size), Image.BILINEAR)
+                return np.array(rgb, dtype=np.uint8)  # a writable copy
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise BadImage(f"{type(e).__name__}: {e}")
+
+
+class _Decode(Dataset):
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, load_image(self.paths[i], self.size), None
+        except BadImage as e:
+            return i, None, str(e)
+
+
+def decode_all(paths, size, num_workers=0, keep=True, progress=None):
+    """Decode every path once, in parallel workers.
+
+    Returns (images, bad): images is a uint8 tensor (N_good, 3, size, size) in the order of the good
+    paths (None when keep=False, i.e. only checking); bad is a list of (index, path, reason).
+    """
+    loader = DataLoader(_Decode(paths, size), batch_size=64, num_workers=num_workers,
+                        collate_fn=lambda items: items)
+    images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8) if keep else None
+    good, bad = [], []
+    for batch in loader:
+        for i, arr, reason in batch:
+            if arr is None:
+                bad.append((i, paths[i], reason))
+                continue
+            if keep:
+                images[len(good)] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+            good.append(i)
+        if progress is not None:
+            progress.update(len(batch))
+    if keep:
+        images = images[:len(good)].clone() if bad else images
+    return images, bad
+
+
+# ---------------------------------------------------------------- training data
+
+def build_augment(name):
+    """uint8 (3, H, W) -> uint8 (3, H, W). 'paper': RandAugment then ColorJitter, drawn per image."""
+    if name == "paper":
+        return v2.Compose([v2.RandAugment(), v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)])
+    if name == "plain":
+        return None
+    raise UserError(f"--augment {name!r} is not valid; choose one of: {', '.join(AUGMENTS)}")
+
+
+class ImageSet(Dataset):
+    """(uint8 image (3, S, S), label) pairs from the cache (images) or decoded per visit (paths)."""
+
+    def __init__(self, labels, size, images=None, paths=None, transform=None):
+        assert images is not None or paths is not None
+        self.labels, self.size, self.images, self.paths, self.transform = labels, size, images, paths, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if self.images is not None:
+            x = self.images[i]
+        else:
+            x = torch.from_numpy(load_image(self.paths[i], self.size)).permute(2, 0, 1)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[i]
+
+
+def make_sampler(labels, num_classes, oversampling, generator):
+    """Plain shuffling, or with oversampling torch's WeightedRandomSampler with replacement, weights
+    1 / (count of the image's class) and num_classes x (largest class count) draws per epoch: every
+    class is drawn as often as the majority class, in expectation (1:1 as in the paper)."""
+    labels = torch.as_tensor(labels)
+    if not oversampling:
+        return RandomSampler(range(len(labels)), generator=generator)
+    counts = torch.bincount(labels, minlength=num_classes)
+    assert (counts > 0).all(), "every class needs at least one image"
+    weights = 1.0 / counts[labels].double()
+    return WeightedRandomSampler(weights, num_samples=num_classes * int(counts.max()), replacement=True,
+                                 generator=generator)
+
+
+def to_model_input(x, device, channels_last=False):
+    """uint8 (B, 3, H, W) -> normalised float32 on device; the uint8 batch is what crosses to the GPU."""
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std

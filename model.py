@@ -1,0 +1,127 @@
+"""ResNet-18 with feature taps, the paper's feature-similarity loss (equations (1)-(3)) and evaluation."""
+import os
+import urllib.error
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from data import to_model_input
+from utils import UserError, load_checkpoint
+
+TAPPABLE = ("layer1", "layer2", "layer3", "layer4")
+
+
+def build_model(num_classes, weights="imagenet"):
+    """torchvision resnet18 with a num_classes head.
+
+    weights: 'imagenet' (torchvision's IMAGENET1K_V1, downloaded once into the torch hub cache),
+    'none' (random initialisation), or a path to a state_dict / a train.py checkpoint. The head (fc) is
+    kept only when its shape fits num_classes.
+    """
+    if weights == "none":
+        return torchvision.models.resnet18(num_classes=num_classes)
+    if weights == "imagenet":
+        try:
+            model = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            raise UserError(f"--weights imagenet: the ImageNet weights could not be downloaded ({e}). "
+                            f"Without internet use --weights none, or --weights PATH to a resnet18 state_dict "
+                            f"file (e.g. resnet18-f37072fd.pth copied into {torch.hub.get_dir()}/checkpoints).")
+        model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+        return model
+    if not os.path.isfile(weights):
+        raise UserError(f"--weights {weights!r}: no such file; valid values are imagenet, none or a path "
+                        f"to a state_dict file")
+    state = load_checkpoint(weights)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a train.py checkpoint
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {weights}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    head = {k: v for k, v in state.items() if k.startswith("fc.")}
+    if head and head.get("fc.weight", torch.empty(0)).shape != model.fc.weight.shape:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(f"--weights {weights}: not a resnet18 state_dict (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    return model
+
+
+def forward_with_taps(model, x, taps=()):
+    """Run torchvision's ResNet forward and return (logits (B, K), {layer: h^l (B, C_l)}).
+
+    h^l is the global-average-pooled output of stage l, the vector of equation (1). The logits are
+    exactly model(x): the same modules in the same order; only the pooled vectors of the tapped
+    stages are kept, never their full activation maps.
+    """
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    feats = {}
+    for name in TAPPABLE:
+        x = getattr(model, name)(x)
+        if name in taps:
+            feats[name] = x.mean(dim=(2, 3))  # (B, C_l)
+    logits = model.fc(torch.flatten(model.avgpool(x), 1))  # (B, K)
+    return logits, feats
+
+
+def feature_similarity_loss(h, labels):
+    """L_c^l = MSE(S^l, T) for one stage, equations (1)-(3) of the paper.
+
+    Args:
+        h: (B, D) pooled features h_i^l of one stage, any float dtype (computed in float32).
+        labels: (B,) integer class labels c_i.
+    Returns:
+        scalar tensor: mean over the B x B entries of (s_ij - t_ij)^2.
+    """
+    z = F.normalize(h.float(), dim=1)                                # (B, D), h_i / ||h_i||
+    S = z @ z.t()                                                    # (B, B), eq. (1): cosine similarity
+    T = (labels[:, None] == labels[None, :]).to(S.dtype)             # (B, B), eq. (2): 1 same class, else 0
+    return F.mse_loss(S, T)                                          # eq. (3): L_c^l
+
+
+def compute_loss(logits, feats, labels, contrastive_weight=1.0):
+    """L_total = CE + contrastive_weight * sum_l L_c^l (eq. (3)); returns (total, {term: value})."""
+    ce = F.cross_entropy(logits.float(), labels)
+    terms = {"ce": ce}
+    total = ce
+    for name, h in feats.items():
+        terms[f"L_c[{name}]"] = feature_similarity_loss(h, labels)
+        total = total + contrastive_weight * terms[f"L_c[{name}]"]
+    return total, terms
+
+
+@torch.inference_mode()
+def confusion_matrix(model, images, labels, num_classes, device, batch_size=256, channels_last=False, amp=False):
+    """Evaluate on uint8 images (N, 3, S, S) -> confusion matrix (K, K), rows = true class."""
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    labels = torch.as_tensor(labels)
+    for start in range(0, len(labels), batch_size):
+        x = to_model_input(images[start:start + batch_size], device, channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(x).argmax(1).cpu()                          # (b,)
+        y = labels[start:start + batch_size]
+        cm += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    return cm
+
+
+def metrics_from_confusion(cm, classes):
+    """Per-class accuracy (recall), overall and balanced accuracy, macro-F1 from a (K, K) matrix."""
+    cm = cm.double()
+    support, predicted, correct = cm.sum(1), cm.sum(0), cm.diag()
+    recall = torch.where(support > 0, correct / support.clamp(min=1), torch.full_like(correct, float("nan")))
+    precision = torch.where(predicted > 0, correct / predicted.clamp(min=1), torch.zeros_like(correct))
+    f1 = torch.where(precision + recall.nan_to_num(0) > 0,
+                     2 * precision * recall.nan_to_num(0) / (precision + recall.nan_to_num(0)).clamp(min=1e-12),
+                     torch.zeros_like(correct))
+    present = support > 0
+    return {
+        "per_class_acc": {c: float(recall[k]) for k, c in enumerate(classes)},
+        "accuracy": float(correct.sum() / cm.sum()),
+        "balanced_accuracy": float(recall[present].mean()),
+        "macro_f1": float(f1[present].mean()),
+        "confusion_matrix": cm.long().tolist(),
+    }

@@ -1,0 +1,76 @@
+"""Subsampling to a ratio, class order, and the oversampling sampler."""
+import collections
+
+import pytest
+import torch
+
+import data
+from utils import UserError, parse_ratio, ratio_folder_name
+
+
+def fake_images(counts):
+    return {c: [f"/d/{c}/{i:05d}.jpg" for i in range(n)] for c, n in counts.items()}
+
+
+def test_subsample_counts_two_classes_with_cap():
+    images = fake_images({"a": 500, "b": 300})
+    paths, labels, counts, notes = data.subsample(images, ["a", "b"], [1, 0.01], 400, seed=3)
+    assert counts["a"]["selected"] == 400 and counts["b"]["selected"] == 4     # round(0.01 * 400)
+    assert labels == [0] * 400 + [1] * 4 and len(paths) == 404 and notes == []
+    assert all(p.startswith("/d/a/") for p in paths[:400]) and all(p.startswith("/d/b/") for p in paths[400:])
+
+
+def test_subsample_three_classes_labels_follow_classes_order_not_alphabetical():
+    images = fake_images({"zebra": 100, "ant": 100, "mole": 100})
+    paths, labels, counts, _ = data.subsample(images, ["zebra", "ant", "mole"], [1, 0.1, 0.05], None, seed=0)
+    assert [counts[c]["selected"] for c in ("zebra", "ant", "mole")] == [100, 10, 5]
+    assert labels == [0] * 100 + [1] * 10 + [2] * 5
+    assert all("/ant/" in p for p in paths[100:110])
+
+
+def test_subsample_is_reproducible_from_the_seed_and_differs_across_seeds():
+    images = fake_images({"a": 1000, "b": 1000})
+    one = data.subsample(images, ["a", "b"], [1, 0.05], 200, seed=7)[0]
+    assert one == data.subsample(images, ["a", "b"], [1, 0.05], 200, seed=7)[0]
+    assert one != data.subsample(images, ["a", "b"], [1, 0.05], 200, seed=8)[0]
+
+
+def test_subsample_keeps_at_least_one_and_warns_when_a_class_is_short():
+    images = fake_images({"a": 100, "b": 3})
+    _, labels, counts, notes = data.subsample(images, ["a", "b"], [1, 0.001], None, seed=0)
+    assert counts["b"]["selected"] == 1 and any("keeping 1" in n for n in notes)
+    _, _, counts, notes = data.subsample(images, ["a", "b"], [1, 0.5], None, seed=0)
+    assert counts["b"] == {"available": 3, "requested": 50, "selected": 3} and any("using all 3" in n for n in notes)
+
+
+def test_oversampling_sampler_is_balanced_with_the_stated_epoch_length():
+    labels = [0] * 1000 + [1] * 10 + [2] * 50
+    g = torch.Generator().manual_seed(0)
+    sampler = data.make_sampler(labels, 3, True, g)
+    drawn = [labels[i] for i in sampler]
+    assert len(drawn) == len(sampler) == 3 * 1000
+    freq = collections.Counter(drawn)
+    for k in range(3):   # 1000 expected per class; binomial sd ~ 26, so 150 is a >5 sd margin
+        assert abs(freq[k] - 1000) < 150, freq
+    plain = data.make_sampler(labels, 3, False, g)
+    assert sorted(plain) == list(range(len(labels)))
+
+
+def test_ratio_parsing_and_folder_names():
+    assert parse_ratio("1:0.01", ["a", "b"]) == [1.0, 0.01]
+    assert ratio_folder_name([1.0, 0.01]) == "1_0.01" and ratio_folder_name([1, 0.1, 0.005]) == "1_0.1_0.005"
+    for bad in ("1:x", "1:-0.1", "1:0", "0:1", "1", "1:0.1:0.1", "1:nan", "1:inf", ""):
+        with pytest.raises(UserError, match="--ratio"):
+            parse_ratio(bad, ["a", "b"])
+
+
+def test_paper_augmentation_draws_per_image_and_plain_leaves_pixels():
+    x = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    aug = data.build_augment("paper")
+    torch.manual_seed(0)
+    outs = [aug(x) for _ in range(5)]
+    assert all(o.dtype == torch.uint8 and o.shape == x.shape for o in outs)
+    assert len({o.sum().item() for o in outs}) > 1
+    assert data.build_augment("plain") is None
+    with pytest.raises(UserError, match="paper, plain"):
+        data.build_augment("fancy")

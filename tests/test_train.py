@@ -1,0 +1,94 @@
+"""train.py end to end on tiny generated images, one epoch at 32 px."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_train, train_args
+from utils import parse_train_log
+
+RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "best.pth", "last.pth", "summary.json"}
+
+
+def test_each_variant_leaves_a_complete_run_folder(four_variants):
+    save, runs = four_variants
+    for variant, run_dir in runs.items():
+        assert run_dir == os.path.join(str(save), variant, "1_0.1", "run_1")
+        assert RUN_FILES <= set(os.listdir(run_dir))
+        cfg = json.load(open(os.path.join(run_dir, "config.json")))
+        assert cfg["variant"] == variant and cfg["classes"] == ["water-deer", "roe-deer"] and cfg["seed"] == 1
+        assert cfg["counts"]["water-deer"]["used"] == 40 and cfg["counts"]["roe-deer"]["used"] == 4
+        for key in ("git_commit", "torch", "torchvision", "subset_sha1"):
+            assert key in cfg
+        epochs = parse_train_log(os.path.join(run_dir, "train.log"))
+        assert [e for e, _ in epochs] == [1]
+        line = open(os.path.join(run_dir, "train.log")).readline()
+        assert "acc[water-deer]" in line and "acc[roe-deer]" in line and " ce " in line
+        assert ("L_c[layer3]" in line and "L_c[layer4]" in line) == (variant in ("contrastive", "proposed"))
+        for name in ("best.pth", "last.pth"):
+            ckpt = torch.load(os.path.join(run_dir, name), weights_only=True)
+            assert ckpt["epoch"] == 1 and "conv1.weight" in ckpt["model"]
+        assert "optimizer" in torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
+
+
+def test_oversampling_epoch_is_classes_times_majority(four_variants):
+    _, runs = four_variants
+    images = {v: json.loads(open(os.path.join(r, "metrics.jsonl")).readline())["images"] for v, r in runs.items()}
+    assert images == {"baseline": 44, "contrastive": 44, "oversampling": 80, "proposed": 80}
+
+
+def test_runs_number_themselves_and_seed_defaults_to_the_run_number(image_data, tmp_path):
+    first = run_train(image_data["train"], tmp_path, "--augment", "plain")
+    second = run_train(image_data["train"], tmp_path, "--augment", "plain")
+    assert first.endswith("run_1") and second.endswith("run_2")
+    seeds = [json.load(open(os.path.join(r, "config.json")))["seed"] for r in (first, second)]
+    subsets = [json.load(open(os.path.join(r, "config.json")))["subset_sha1"] for r in (first, second)]
+    assert seeds == [1, 2] and subsets[0] != subsets[1]
+    third = run_train(image_data["train"], tmp_path, "--augment", "plain", "--seed", "1", "--run_id", "7")
+    assert third.endswith("run_7")
+    a, b = (torch.load(os.path.join(r, "last.pth"), weights_only=True)["model"] for r in (first, third))
+    assert all(torch.equal(a[k], b[k]) for k in a)   # same seed, same data: the same weights
+
+
+def test_cache_off_gives_the_same_weights_as_cache_on(image_data, tmp_path):
+    on = run_train(image_data["train"], tmp_path / "on", "--seed", "3")
+    off = run_train(image_data["train"], tmp_path / "off", "--seed", "3", "--no-cache")
+    a, b = (torch.load(os.path.join(r, "last.pth"), weights_only=True)["model"] for r in (on, off))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(os.path.join(off, "config.json")))["cache_bytes"] == 0
+
+
+def test_flags_change_what_they_claim(image_data, tmp_path):
+    run = run_train(image_data["train"], tmp_path, "--contrastive", "--contrastive_layers", "layer2",
+                    "--optimizer", "sgd", "--max_per_class", "20", "--contrastive_weight", "0")
+    line = open(os.path.join(run, "train.log")).readline()
+    assert "L_c[layer2]" in line and "L_c[layer3]" not in line
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert cfg["counts"]["water-deer"]["used"] == 20 and cfg["counts"]["roe-deer"]["used"] == 2
+    opt = torch.load(os.path.join(run, "last.pth"), weights_only=True)["optimizer"]
+    assert opt["param_groups"][0]["momentum"] == 0.9      # SGD, not Adam
+    three = run_train(image_data["train"], tmp_path, ratio="1:0.5:0.25",
+                      classes=("wild-boar", "water-deer", "roe-deer"))
+    assert three.endswith(os.path.join("baseline", "1_0.5_0.25", "run_1"))
+    counts = json.load(open(os.path.join(three, "config.json")))["counts"]
+    assert [counts[c]["used"] for c in ("wild-boar", "water-deer", "roe-deer")] == [30, 15, 8]
+
+
+def test_contrastive_weight_changes_the_training(image_data, tmp_path):
+    runs = [run_train(image_data["train"], tmp_path / w, "--contrastive", "--seed", "5", "--contrastive_weight", w,
+                      "--augment", "plain") for w in ("0", "1")]
+    a, b = (torch.load(os.path.join(r, "last.pth"), weights_only=True)["model"] for r in runs)
+    assert not torch.equal(a["layer3.0.conv1.weight"], b["layer3.0.conv1.weight"])
+    base = run_train(image_data["train"], tmp_path / "base", "--seed", "5", "--augment", "plain")
+    c = torch.load(os.path.join(base, "last.pth"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], c[k]) for k in a)  # weight 0: exactly the baseline
+
+
+def test_help_states_the_paper_defaults(capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    for text in ("paper: batch size 64".replace("batch size ", ""), "paper: 0.001", "paper: 100", "layer3 layer4"):
+        assert text in out

@@ -1,0 +1,376 @@
+"""Train ResNet-18 on an imbalanced ImageFolder subsample, with the paper's feature-similarity loss.
+
+    python3 train.py --train_data_root ./dataset/train --classes water-deer roe-deer \
+        --ratio 1:0.01 --save_root ./saved_runs --num_epochs 100 [--contrastive] [--oversampling]
+
+Each run lands in <save_root>/<variant>/<ratio>/run_X/ with config.json, train.log, metrics.jsonl,
+best.pth, last.pth and, once finished, summary.json. See README.md for every flag.
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torchvision
+from tqdm import tqdm
+
+import data
+from model import TAPPABLE, build_model, compute_loss, forward_with_taps
+from utils import (UserError, append_line, claim_run_dir, git_commit, is_complete, load_checkpoint,
+                   parse_ratio, ratio_folder_name, run_main, run_number, save_checkpoint, variant_name,
+                   write_json_atomic, ACC_DECIMALS)
+
+FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data (as in the paper's README)")
+    g.add_argument("--train_data_root", help="ImageFolder root: one sub-folder per class")
+    g.add_argument("--classes", nargs="+", help="class folder names, in order; the first is the ratio's reference "
+                   "(majority) class and labels follow this order")
+    g.add_argument("--ratio", help="one part per class, colon-separated, e.g. 1:0.01 or 1:0.1:0.01")
+    g.add_argument("--max_per_class", type=int, default=10000,
+                   help="cap on the reference class's images before the ratio applies (paper: 10,000; 0 = no cap)")
+    g.add_argument("--save_root", default="./saved_runs", help="runs go to <save_root>/<variant>/<ratio>/run_X")
+    g = p.add_argument_group("method")
+    g.add_argument("--contrastive", action="store_true", help="add the feature-similarity loss (eq. 3)")
+    g.add_argument("--oversampling", action="store_true",
+                   help="WeightedRandomSampler to 1:1 class balance; epoch = #classes x largest class count")
+    g.add_argument("--contrastive_layers", nargs="+", default=["layer3", "layer4"],
+                   help="ResNet stages tapped for L_c (paper: layer3 layer4)")
+    g.add_argument("--contrastive_weight", type=float, default=1.0, help="weight of sum_l L_c^l (paper: 1)")
+    g.add_argument("--augment", default="paper", help="paper = RandAugment + ColorJitter per image (paper); "
+                   "plain = resize only")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--num_epochs", type=int, default=100, help="paper: 100")
+    g.add_argument("--batch_size", type=int, default=64, help="paper: 64")
+    g.add_argument("--lr", type=float, default=0.001, help="paper: 0.001")
+    g.add_argument("--optimizer", default="adam", help="adam (default; the paper names none), adamw, or sgd "
+                   "(momentum 0.9)")
+    g.add_argument("--img_size", type=int, default=224, help="images are resized to img_size x img_size (224)")
+    g.add_argument("--weights", default="imagenet", help="imagenet (torchvision IMAGENET1K_V1, default), none "
+                   "(random init), or a path to a resnet18 state_dict")
+    g.add_argument("--seed", type=int, default=None, help="seeds subset, init and augmentation "
+                   "(default: the run's number X, so run_1, run_2... differ and each is reproducible)")
+    g = p.add_argument_group("machine")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, "
+                   "where the model needs both cores; min(8, CPUs) on CUDA)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA (default on; ignored on CPU)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format on CUDA (default on; ignored on CPU)")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the decoded, resized uint8 training images in memory (N x 3 x S x S bytes; "
+                   "the size is printed); --no-cache decodes each image on every visit")
+    g.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    g = p.add_argument_group("runs")
+    g.add_argument("--strict", action="store_true", help="refuse to train when an image file is broken "
+                   "(default: skip it with a warning)")
+    g.add_argument("--run_id", type=int, default=None, help="use run_<run_id> instead of the next free run_X")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pth")
+    return p
+
+
+# ---------------------------------------------------------------- configuration
+
+def resolve_device(name):
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not valid; choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        "cpu" if name == "auto" else name)
+
+
+def check_args(args):
+    """Validate the options that argparse cannot; UserError names the flag and the valid values."""
+    for flag in ("train_data_root", "classes", "ratio"):
+        if getattr(args, flag) is None:
+            raise UserError(f"--{flag} is required (or --resume RUN_DIR)")
+    if len(args.classes) < 2:
+        raise UserError(f"--classes needs at least two class folders, got {args.classes}")
+    bad = [l for l in args.contrastive_layers if l not in TAPPABLE]
+    if bad or len(set(args.contrastive_layers)) != len(args.contrastive_layers):
+        raise UserError(f"--contrastive_layers {' '.join(args.contrastive_layers)}: choose distinct stages "
+                        f"from {' '.join(TAPPABLE)}")
+    if args.optimizer not in ("adam", "adamw", "sgd"):
+        raise UserError(f"--optimizer {args.optimizer!r} is not valid; choose adam, adamw or sgd")
+    for flag, low in (("num_epochs", 1), ("batch_size", 1), ("img_size", 8), ("max_per_class", 0)):
+        if getattr(args, flag) < low:
+            raise UserError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    data.build_augment(args.augment)
+    parse_ratio(args.ratio, args.classes)
+
+
+def prepare_run(args):
+    """Return (run_dir, config, start_state): a new run folder, or the one given to --resume."""
+    if args.resume:
+        return prepare_resume(args.resume)
+    check_args(args)
+    ratio = parse_ratio(args.ratio, args.classes)
+    variant = variant_name(args.contrastive, args.oversampling)
+    data.find_class_images(args.train_data_root, args.classes)  # fail before creating a folder
+    run_dir = claim_run_dir(os.path.join(args.save_root, variant, ratio_folder_name(ratio)), args.run_id)
+    if args.run_id is not None:
+        set_aside_previous_attempt(run_dir)
+    cfg = {"args": {k: v for k, v in vars(args).items() if k != "resume"},
+           "variant": variant, "classes": list(args.classes), "ratio": ratio,
+           "seed": args.seed if args.seed is not None else run_number(run_dir)}
+    return run_dir, cfg, None
+
+
+def set_aside_previous_attempt(run_dir):
+    """--run_id on a folder that an earlier attempt left: refuse a finished run, keep an unfinished
+    one's files under attempt_<time>/ (nothing is deleted) and start afresh."""
+    if is_complete(run_dir):
+        raise UserError(f"{run_dir} already holds a finished run; choose another --run_id")
+    old = [n for n in os.listdir(run_dir) if not n.startswith("attempt_")]
+    if old:
+        keep = os.path.join(run_dir, f"attempt_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}")
+        os.makedirs(keep)
+        for n in old:
+            os.replace(os.path.join(run_dir, n), os.path.join(keep, n))
+
+
+def prepare_resume(run_dir):
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"--resume {run_dir}: no config.json there; give a run folder made by train.py")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if is_complete(run_dir):
+        raise UserError(f"--resume {run_dir}: this run already finished (summary.json exists)")
+    last = os.path.join(run_dir, "last.pth")
+    state = load_checkpoint(last) if os.path.isfile(last) else None
+    return run_dir, cfg, state
+
+
+def build_train_data(cfg, run_dir, device):
+    """Subsample, check (and cache) the images once; record counts and broken files in cfg."""
+    a = cfg["args"]
+    images = data.find_class_images(a["train_data_root"], a["classes"])
+    paths, labels, counts, notes = data.subsample(images, a["classes"], cfg["ratio"], a["max_per_class"] or None,
+                                                  cfg["seed"])
+    for n in notes:
+        print(f"warning: {n}", file=sys.stderr)
+    workers = min(8, os.cpu_count() or 1) if a["num_workers"] is None or a["num_workers"] == 0 else a["num_workers"]
+    with tqdm(total=len(paths), desc="decode+check", disable=None, file=sys.stderr) as bar:
+        cache, bad = data.decode_all(paths, a["img_size"], num_workers=workers, keep=a["cache"], progress=bar)
+    if bad:
+        listing = "\n".join(f"  {p}: {why}" for _, p, why in bad)
+        if a["strict"]:
+            raise UserError(f"--strict: {len(bad)} broken image file(s) among the chosen training images:\n{listing}")
+        print(f"warning: skipping {len(bad)} broken image file(s):\n{listing}", file=sys.stderr)
+    bad_idx = {i for i, _, _ in bad}
+    paths = [p for i, p in enumerate(paths) if i not in bad_idx]
+    labels = [y for i, y in enumerate(labels) if i not in bad_idx]
+    for k, c in enumerate(a["classes"]):
+        counts[c]["used"] = labels.count(k)
+        if counts[c]["used"] == 0:
+            raise UserError(f"class {c!r} has no readable image left in {a['train_data_root']}")
+    subset_id = hashlib.sha1("\n".join(os.path.relpath(p, a["train_data_root"]) for p in paths).encode()).hexdigest()
+    if cfg.get("subset_sha1") not in (None, subset_id):
+        raise UserError(f"{a['train_data_root']} changed since {run_dir} started: the chosen images differ; "
+                        f"start a new run instead of --resume")
+    cfg.update(counts=counts, notes=notes, subset_sha1=subset_id, n_bad_images=len(bad),
+               bad_images=[p for _, p, _ in bad], cache_bytes=int(cache.numel()) if cache is not None else 0)
+    dataset = data.ImageSet(labels, a["img_size"], images=cache, paths=None if a["cache"] else paths,
+                            transform=data.build_augment(a["augment"]))
+    return dataset, labels
+
+
+def make_loader(dataset, labels, cfg, device):
+    a = cfg["args"]
+    workers = a["num_workers"] if a["num_workers"] is not None else (min(8, os.cpu_count() or 1)
+                                                                     if device.type == "cuda" else 0)
+    generator = torch.Generator()
+    sampler = data.make_sampler(labels, len(a["classes"]), a["oversampling"], generator)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=a["batch_size"], sampler=sampler, num_workers=workers,
+                                         pin_memory=device.type == "cuda", generator=generator,
+                                         prefetch_factor=4 if workers else None)
+    return loader, generator
+
+
+def make_optimizer(name, params, lr):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def seed_epoch(seed, epoch, generator):
+    """Every epoch draws from a fresh, fixed seed: a resumed run repeats an uninterrupted one."""
+    s = seed * 1_000_003 + epoch
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2 ** 32)
+    generator.manual_seed(s)
+
+
+# ---------------------------------------------------------------- one epoch
+
+class Tapped(torch.nn.Module):
+    """model -> (logits, {layer: pooled features}); a module so that torch.compile can take it whole."""
+
+    def __init__(self, model, taps):
+        super().__init__()
+        self.model, self.taps = model, tuple(taps)
+
+    def forward(self, x):
+        return forward_with_taps(self.model, x, self.taps)
+
+
+def train_one_epoch(net, loader, optimizer, device, cfg, desc):
+    """One pass over the loader; returns a dict of metrics for the epoch."""
+    a = cfg["args"]
+    K = len(a["classes"])
+    use_cuda = device.type == "cuda"
+    amp, channels_last = use_cuda and a["amp"], use_cuda and a["channels_last"]
+    net.train()
+    sums, seen, correct = None, torch.zeros(K, device=device), torch.zeros(K, device=device)
+    t0, data_s = time.perf_counter(), 0.0
+    it = iter(loader)
+    bar = tqdm(total=len(loader), desc=desc, disable=None, file=sys.stderr, leave=False)
+    for step in range(len(loader)):
+        t = time.perf_counter()
+        x, y = next(it)
+        data_s += time.perf_counter() - t
+        x, y = data.to_model_input(x, device, channels_last), y.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits, feats = net(x)
+        loss, terms = compute_loss(logits, feats, y, a["contrastive_weight"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        names = ["loss"] + list(terms)
+        batch = torch.stack([loss.detach()] + [v.detach() for v in terms.values()]) * len(y)
+        sums = batch if sums is None else sums + batch
+        seen += torch.bincount(y, minlength=K)
+        correct += torch.bincount(y[logits.argmax(1) == y], minlength=K)
+        if step % FINITE_CHECK_EVERY == 0 or step == len(loader) - 1:
+            check_finite(sums, names, step, desc)
+        bar.update()
+    bar.close()
+    seconds, n = time.perf_counter() - t0, seen.sum().item()
+    out = {"train_acc": round(correct.sum().item() / n, ACC_DECIMALS),
+           "per_class_acc": {c: round((correct[k] / seen[k]).item(), 4) if seen[k] else None
+                             for k, c in enumerate(a["classes"])}}
+    out.update({name: v / n for name, v in zip(names, sums.tolist())})
+    out.update(images=int(n), seconds=round(seconds, 2), img_per_s=round(n / seconds, 1),
+               data_wait_fraction=round(data_s / seconds, 4))
+    return out
+
+
+def check_finite(sums, names, step, desc):
+    vals = sums.tolist()
+    if not all(np.isfinite(vals)):
+        raise FloatingPointError(f"{desc}: the loss became non-finite by step {step + 1} "
+                                 f"({', '.join(f'{n}={v}' for n, v in zip(names, vals))}); stopping. "
+                                 f"Try a lower --lr or --no-amp.")
+
+
+def epoch_line(epoch, total, m, classes):
+    per_class = " ".join(f"acc[{c}] {m['per_class_acc'][c]}" for c in classes)
+    losses = " ".join(f"{k} {m[k]:.4f}" for k in m if k == "loss" or k == "ce" or k.startswith("L_c["))
+    return (f"Epoch {epoch}/{total} | Train Acc {m['train_acc']:.{ACC_DECIMALS}f} | {per_class} | {losses} | "
+            f"{m['seconds']:.1f}s {m['img_per_s']:.0f} img/s data_wait {m['data_wait_fraction']:.1%}")
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    run_dir, cfg, state = prepare_run(args)
+    a = cfg["args"]
+    device = resolve_device(a["device"])
+    log = os.path.join(run_dir, "train.log")
+    dataset, labels = build_train_data(cfg, run_dir, device)
+    cfg.update(git_commit=git_commit(), torch=str(torch.__version__), torchvision=str(torchvision.__version__),
+               python=platform.python_version(), device=str(device), host=platform.node())
+    write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
+    counts = ", ".join(f"{c}: {v['used']}" for c, v in cfg["counts"].items())
+    print(f"{run_dir}: {cfg['variant']} ratio {':'.join(f'{r:g}' for r in cfg['ratio'])}, images {counts}, "
+          f"seed {cfg['seed']}, device {device}, cache {cfg['cache_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+
+    torch.manual_seed(cfg["seed"])
+    model = build_model(len(a["classes"]), "none" if state else a["weights"]).to(device)
+    if device.type == "cuda" and a["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(a["optimizer"], model.parameters(), a["lr"])
+    start, best = 1, (None, -1.0)
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, best = state["epoch"] + 1, (state["best_epoch"], state["best_train_acc"])
+        append_line(log, f"Resumed from last.pth at epoch {state['epoch']}")
+    net = Tapped(model, a["contrastive_layers"] if a["contrastive"] else ())
+    net = torch.compile(net) if a["compile"] else net
+    loader, generator = make_loader(dataset, labels, cfg, device)
+
+    epoch = start
+    try:
+        for epoch in range(start, a["num_epochs"] + 1):
+            seed_epoch(cfg["seed"], epoch, generator)
+            m = train_one_epoch(net, loader, optimizer, device, cfg, f"epoch {epoch}/{a['num_epochs']}")
+            best = save_epoch(run_dir, model, optimizer, epoch, m, best, cfg)
+            append_line(log, epoch_line(epoch, a["num_epochs"], m, a["classes"]))
+            append_line(os.path.join(run_dir, "metrics.jsonl"), json.dumps({"epoch": epoch, **m}))
+            print(epoch_line(epoch, a["num_epochs"], m, a["classes"]), file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as e:
+        append_line(log, f"Interrupted during epoch {epoch} ({type(e).__name__}); last.pth holds epoch {epoch - 1}; "
+                         f"continue with: python3 train.py --resume {run_dir}")
+        print(f"interrupted; continue with: python3 train.py --resume {run_dir}", file=sys.stderr)
+        sys.exit(130)
+    except FloatingPointError as e:
+        append_line(log, f"Stopped: {e}")
+        raise UserError(str(e))
+    summary = {"best_epoch": best[0], "best_train_acc": best[1], "epochs": a["num_epochs"]}
+    append_line(log, f"Finished: best epoch {best[0]} (Train Acc {best[1]:.{ACC_DECIMALS}f})")
+    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    print(f"finished {run_dir}: best epoch {best[0]}, Train Acc {best[1]:.{ACC_DECIMALS}f}", file=sys.stderr)
+    return run_dir
+
+
+def save_epoch(run_dir, model, optimizer, epoch, m, best, cfg):
+    """best.pth when Train Acc is strictly higher than before (ties keep the earlier epoch); last.pth
+    always. Both hold tensors and plain types only and load with torch.load(weights_only=True)."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if m["train_acc"] > best[1]:
+        best = (epoch, m["train_acc"])
+        save_checkpoint(os.path.join(run_dir, "best.pth"),
+                        {"model": weights, "epoch": epoch, "train_acc": m["train_acc"], "config": cfg})
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    save_checkpoint(os.path.join(run_dir, "last.pth"),
+                    {"model": weights, "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "train_acc": m["train_acc"], "best_epoch": best[0], "best_train_acc": best[1],
+                     "rng": rng, "config": cfg})
+    return best
+
+
+class Interrupted(Exception):
+    """SIGTERM, turned into an exception so the run can log it and exit cleanly."""
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    run_main(main)

@@ -1,0 +1,249 @@
+"""Evaluate the best checkpoint of every run under a variant folder (or a whole saved_runs root).
+
+    python3 validation.py --model_root ./saved_runs/baseline --test_data_root ./dataset/valid \
+        --classes water-deer roe-deer
+
+Each run's best model is the epoch with the highest 'Train Acc' in its train.log (ties: the earliest).
+Writes <model_root>/result_log.txt (for people) and results.json (for programs, read by report.py);
+with a saved_runs root, also one pair per variant folder. Test images are decoded once per image size
+and shared by every run.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+from model import build_model, confusion_matrix, metrics_from_confusion
+from train import resolve_device
+from utils import (RUN_DIR_RE, UserError, best_epoch, is_complete, load_checkpoint, parse_train_log,
+                   run_main, run_number, write_json_atomic, write_text_atomic)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_root", required=True, help="a variant folder (saved_runs/baseline) or saved_runs itself")
+    p.add_argument("--test_data_root", required=True, help="ImageFolder root of the test images")
+    p.add_argument("--classes", nargs="+", help="class names; must match each run's config.json (default: the run's)")
+    p.add_argument("--batch_size", type=int, default=256, help="evaluation batch size (256)")
+    p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: min(8, CPUs))")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any run was skipped")
+    return p
+
+
+class Skip(Exception):
+    """A run that cannot be evaluated; the message is the reason."""
+
+
+# ---------------------------------------------------------------- finding runs
+
+def _subdirs(path):
+    return sorted(e.path for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def _has_runs(variant_dir):
+    return any(RUN_DIR_RE.match(os.path.basename(r)) for d in _subdirs(variant_dir) for r in _subdirs(d))
+
+
+def find_variant_dirs(model_root):
+    """[variant folders]: model_root itself, or its sub-folders when it is a saved_runs root."""
+    if not os.path.isdir(model_root):
+        raise UserError(f"--model_root {model_root} does not exist or is not a folder")
+    if _has_runs(model_root):
+        return [model_root]
+    variants = [d for d in _subdirs(model_root) if _has_runs(d)]
+    if not variants:
+        raise UserError(f"--model_root {model_root}: no run folders found; expected "
+                        f"<variant>/<ratio>/run_X (a variant folder) or <ratio>/run_X inside it")
+    return variants
+
+
+def list_runs(variant_dir):
+    """[(ratio folder name, run_dir)] sorted by ratio folder then run number."""
+    runs = []
+    for ratio_dir in _subdirs(variant_dir):
+        for r in _subdirs(ratio_dir):
+            if RUN_DIR_RE.match(os.path.basename(r)):
+                runs.append((os.path.basename(ratio_dir), r))
+    return sorted(runs, key=lambda t: (t[0], run_number(t[1])))
+
+
+def inspect_run(run_dir, classes=None):
+    """-> (config, checkpoint dict, best epoch, best Train Acc); Skip with the reason otherwise.
+    A --classes list that disagrees with the run's is a UserError, not a skip."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Skip(f"config.json missing or unreadable ({type(e).__name__})")
+    check_classes(classes, cfg, run_dir)
+    if not is_complete(run_dir):
+        raise Skip("unfinished (no summary.json): still training or interrupted; resume with "
+                   f"python3 train.py --resume {run_dir}")
+    log = os.path.join(run_dir, "train.log")
+    if not os.path.isfile(log):
+        raise Skip("train.log missing")
+    best = best_epoch(parse_train_log(log))
+    if best is None:
+        raise Skip("train.log has no complete epoch line")
+    reasons = []
+    for name in ("best.pth", "last.pth"):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            reasons.append(f"{name} missing")
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except UserError as e:
+            reasons.append(str(e))
+            continue
+        if ckpt.get("epoch") == best[0]:
+            return cfg, ckpt, best[0], best[1]
+        reasons.append(f"{name} holds epoch {ckpt.get('epoch')}")
+    raise Skip(f"train.log's best epoch is {best[0]}, but no checkpoint holds it: {'; '.join(reasons)}")
+
+
+# ---------------------------------------------------------------- evaluation
+
+class TestImages:
+    """Test images decoded once per (image size, classes) and shared by every run that needs them."""
+
+    def __init__(self, root, num_workers):
+        self.root, self.num_workers, self.cache = root, num_workers, {}
+
+    def get(self, size, classes):
+        key = (size, tuple(classes))
+        if key not in self.cache:
+            try:
+                images = data.find_class_images(self.root, classes, flag="--test_data_root")
+            except UserError as e:
+                raise UserError(f"the test folder does not match the run's classes {list(classes)}: {e}")
+            paths = [p for c in classes for p in images[c]]
+            labels = [k for k, c in enumerate(classes) for _ in images[c]]
+            pixels, bad = data.decode_all(paths, size, num_workers=self.num_workers)
+            for _, p, why in bad:
+                print(f"warning: skipping broken test image {p}: {why}", file=sys.stderr)
+            bad_idx = {i for i, _, _ in bad}
+            self.cache[key] = (pixels, [y for i, y in enumerate(labels) if i not in bad_idx])
+        return self.cache[key]
+
+
+def evaluate_run(cfg, ckpt, tests, device, batch_size):
+    classes = cfg["classes"]
+    model = build_model(len(classes), "none")
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    images, labels = tests.get(cfg["args"]["img_size"], classes)
+    cm = confusion_matrix(model, images, labels, len(classes), device, batch_size)
+    return metrics_from_confusion(cm, classes)
+
+
+def check_classes(given, cfg, run_dir):
+    if given is not None and list(given) != list(cfg["classes"]):
+        raise UserError(f"--classes {' '.join(given)} disagrees with {run_dir}, which was trained on "
+                        f"{' '.join(cfg['classes'])} (in that order)")
+
+
+def flat_metrics(m):
+    out = {f"acc[{c}]": v for c, v in m["per_class_acc"].items()}
+    out.update(accuracy=m["accuracy"], balanced_accuracy=m["balanced_accuracy"], macro_f1=m["macro_f1"])
+    return out
+
+
+def summarise(runs):
+    """Mean and sample std (ddof=1; None for a single run) of each metric over runs."""
+    keys = list(flat_metrics(runs[0]["metrics"]))
+    values = {k: np.array([flat_metrics(r["metrics"])[k] for r in runs], dtype=float) for k in keys}
+    pick = max(runs, key=lambda r: (r["best_train_acc"], -run_number(r["run_dir"])))
+    return {"n_runs": len(runs),
+            "mean": {k: float(v.mean()) for k, v in values.items()},
+            "std": {k: float(v.std(ddof=1)) if len(v) > 1 else None for k, v in values.items()},
+            "authors_pick": {"run_dir": pick["run_dir"], "best_train_acc": pick["best_train_acc"],
+                             **flat_metrics(pick["metrics"])}}
+
+
+def evaluate_variant(variant_dir, args, tests, device):
+    """Evaluate every run of one variant -> (results dict, skipped list)."""
+    ratios, skipped = {}, []
+    for ratio_name, run_dir in list_runs(variant_dir):
+        try:
+            cfg, ckpt, epoch, acc = inspect_run(run_dir, args.classes)
+        except Skip as e:
+            skipped.append({"run_dir": run_dir, "reason": str(e)})
+            print(f"skipped {run_dir}: {e}", file=sys.stderr)
+            continue
+        metrics = evaluate_run(cfg, ckpt, tests, device, args.batch_size)
+        entry = ratios.setdefault(ratio_name, {"ratio": cfg["ratio"], "classes": cfg["classes"], "runs": []})
+        entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": acc,
+                              "img_size": cfg["args"]["img_size"], "metrics": metrics})
+        print(f"evaluated {run_dir} (epoch {epoch}): " + " ".join(
+            f"{k} {v:.4f}" for k, v in flat_metrics(metrics).items()), file=sys.stderr)
+    ratios = dict(sorted(ratios.items(), key=lambda kv: [-r for r in kv[1]["ratio"]]))
+    for entry in ratios.values():
+        entry["summary"] = summarise(entry["runs"])
+    return ratios, skipped
+
+
+# ---------------------------------------------------------------- output
+
+def _fmt(mean, std):
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def format_table(variants):
+    lines = []
+    for variant, ratios in variants.items():
+        for ratio_name, entry in ratios.items():
+            s = entry["summary"]
+            cols = " | ".join(f"{k} {_fmt(s['mean'][k], s['std'][k])}" for k in s["mean"])
+            pick = s["authors_pick"]
+            lines.append(f"{variant:<12} ratio {ratio_name:<10} n={s['n_runs']:<3} | {cols} | "
+                         f"best-Train-Acc run {os.path.basename(pick['run_dir'])}")
+    return "\n".join(lines)
+
+
+def write_outputs(folder, variants, skipped, args):
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    result = {"created": stamp, "model_root": os.path.abspath(folder),
+              "test_data_root": os.path.abspath(args.test_data_root), "variants": variants, "skipped": skipped}
+    text = [f"# validation.py, {stamp}", f"# test data: {os.path.abspath(args.test_data_root)}",
+            "# per ratio: mean ± sample std over runs of each run's best-Train-Acc checkpoint", format_table(variants)]
+    text += [f"skipped {s['run_dir']}: {s['reason']}" for s in skipped]
+    write_json_atomic(os.path.join(folder, "results.json"), result)
+    write_text_atomic(os.path.join(folder, "result_log.txt"), "\n".join(text) + "\n")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    variant_dirs = find_variant_dirs(args.model_root)
+    if not os.path.isdir(args.test_data_root):
+        raise UserError(f"--test_data_root {args.test_data_root} does not exist or is not a folder")
+    workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
+    tests = TestImages(args.test_data_root, workers)
+    all_variants, all_skipped = {}, []
+    for vdir in variant_dirs:
+        ratios, skipped = evaluate_variant(vdir, args, tests, device)
+        name = os.path.basename(os.path.normpath(vdir))
+        all_variants[name] = ratios
+        all_skipped += skipped
+        write_outputs(vdir, {name: ratios}, skipped, args)
+    if len(variant_dirs) > 1 or os.path.normpath(variant_dirs[0]) != os.path.normpath(args.model_root):
+        write_outputs(args.model_root, all_variants, all_skipped, args)
+    print(format_table(all_variants))
+    for s in all_skipped:
+        print(f"skipped {s['run_dir']}: {s['reason']}")
+    n = sum(len(e["runs"]) for r in all_variants.values() for e in r.values())
+    print(f"{n} run(s) evaluated, {len(all_skipped)} skipped; results in "
+          f"{os.path.join(args.model_root, 'result_log.txt')}")
+    if n == 0 or (args.strict and all_skipped):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(main)
