@@ -1,0 +1,122 @@
+"""The main job on real data, offline: a reduced ablation on Fashion-MNIST, with table and figure.
+
+    python3 demo.py
+
+1. Builds ImageFolders from Fashion-MNIST (Zalando, MIT licence), train and valid from the dataset's own
+   train/test split, for two conditions like the paper's:
+     fine   = T-shirt/top (majority) vs Shirt (minority), a notoriously confusable pair
+     coarse = T-shirt/top (majority) vs Trouser (minority)
+   It reads Debian's copy (package dataset-fashion-mnist, /usr/share/datasets/fashion-mnist) when
+   present, else torchvision's FashionMNIST download.
+2. Runs reproduce.py on each condition with CPU-sized settings (32 px, few epochs, fewer images,
+   ratios and runs than the paper), which trains, evaluates (validation.py) and reports (report.py).
+"""
+import argparse
+import gzip
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from utils import UserError, run_main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+LABELS = {0: "tshirt-top", 1: "trouser", 6: "shirt"}
+CONDITIONS = {"fine": ("tshirt-top", "shirt"), "coarse": ("tshirt-top", "trouser")}
+SPLITS = {"train": "train", "valid": "t10k"}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--conditions", nargs="+", default=["fine", "coarse"], help="fine and/or coarse")
+    p.add_argument("--data_dir", default=os.path.join(HERE, "dataset", "fashion-mnist"),
+                   help="where the ImageFolders are written")
+    p.add_argument("--source", default=DEBIAN_DIR, help="folder with the idx .gz files (Debian's copy)")
+    p.add_argument("--save_root", default=os.path.join(HERE, "demo_runs"), help="runs, tables and figures")
+    p.add_argument("--ratios", nargs="+", default=["1", "0.1", "0.01"], help="minority fractions (paper: 5)")
+    p.add_argument("--runs", type=int, default=2, help="runs per cell (paper: 10)")
+    p.add_argument("--num_epochs", type=int, default=3, help="epochs per run (paper: 100)")
+    p.add_argument("--max_per_class", type=int, default=600, help="majority images (paper: 10,000)")
+    p.add_argument("--img_size", type=int, default=32, help="image size (paper: 224)")
+    p.add_argument("--build_only", action="store_true", help="only write the ImageFolders")
+    return p
+
+
+# ---------------------------------------------------------------- Fashion-MNIST -> ImageFolder
+
+def read_idx(path):
+    """An idx .gz file -> numpy array (images (N, 28, 28) uint8 or labels (N,) uint8)."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(source, split):
+    """(images, labels) of 'train' or 't10k' from source, else from torchvision's download."""
+    images = os.path.join(source, f"{split}-images-idx3-ubyte.gz")
+    labels = os.path.join(source, f"{split}-labels-idx1-ubyte.gz")
+    if os.path.isfile(images) and os.path.isfile(labels):
+        return read_idx(images), read_idx(labels)
+    try:
+        from torchvision.datasets import FashionMNIST
+        ds = FashionMNIST(os.path.join(HERE, "dataset", "torchvision"), train=split == "train", download=True)
+        return ds.data.numpy(), ds.targets.numpy()
+    except Exception as e:
+        raise UserError(f"Fashion-MNIST is neither in {source} (install it offline with: apt-get install "
+                        f"dataset-fashion-mnist) nor downloadable by torchvision ({type(e).__name__}: {e})")
+
+
+def build_image_folders(source, data_dir, conditions, limit=None):
+    """Write <data_dir>/<condition>/<train|valid>/<class>/<index>.png; returns {condition: {split: root}}.
+    Files already there are kept (a second call writes nothing). limit caps the images per class."""
+    roots = {}
+    for split, prefix in SPLITS.items():
+        images, labels = load_fashion_mnist(source, prefix)
+        for cond in conditions:
+            root = os.path.join(data_dir, cond, split)
+            roots.setdefault(cond, {})[split] = root
+            for name in CONDITIONS[cond]:
+                label = next(k for k, v in LABELS.items() if v == name)
+                index = np.flatnonzero(labels == label)[:limit]
+                folder = os.path.join(root, name)
+                os.makedirs(folder, exist_ok=True)
+                for i in index:
+                    path = os.path.join(folder, f"{i:05d}.png")
+                    if not os.path.exists(path):
+                        Image.fromarray(images[i], mode="L").save(path)
+    return roots
+
+
+# ---------------------------------------------------------------- the reduced ablation
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    bad = [c for c in args.conditions if c not in CONDITIONS]
+    if bad:
+        raise UserError(f"--conditions {' '.join(bad)}: choose from {' '.join(CONDITIONS)}")
+    t0 = time.time()
+    roots = build_image_folders(args.source, args.data_dir, args.conditions)
+    print(f"Fashion-MNIST ImageFolders ready under {args.data_dir} ({time.time() - t0:.0f}s)", flush=True)
+    if args.build_only:
+        return
+    for cond in args.conditions:
+        cmd = [sys.executable, os.path.join(HERE, "reproduce.py"),
+               "--train_data_root", roots[cond]["train"], "--test_data_root", roots[cond]["valid"],
+               "--classes", *CONDITIONS[cond], "--save_root", os.path.join(args.save_root, cond),
+               "--ratios", *args.ratios, "--runs", str(args.runs),
+               "--num_epochs", str(args.num_epochs), "--max_per_class", str(args.max_per_class),
+               "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu"]
+        print(f"\n== {cond}-grained condition: {' vs '.join(CONDITIONS[cond])}\n$ {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; tables and figures: "
+          + ", ".join(os.path.join(args.save_root, c, "table1.md") for c in args.conditions))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,206 @@
+"""Reproduce the paper's whole ablation: variants x ratios x runs, then validation.py and report.py.
+
+    python3 reproduce.py --train_data_root D --test_data_root V --classes water-deer roe-deer \
+        --save_root ./saved_runs [any train.py flag, e.g. --num_epochs 100]
+
+Cell (variant, ratio, k) trains into <save_root>/<variant>/<ratio>/run_k. Re-running the same command
+trains only what is missing: finished runs (summary.json) are skipped, interrupted ones resumed from
+their last.pth. --dry_run prints the plan, one train.py command per line. --task_id I runs the I-th
+cell of the full grid only (one Slurm array task; see README.md).
+"""
+import argparse
+import concurrent.futures as cf
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+
+from utils import VARIANTS, UserError, is_complete, parse_ratio, ratio_folder_name, run_main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANT_FLAGS = {"baseline": [], "contrastive": ["--contrastive"], "oversampling": ["--oversampling"],
+                 "proposed": ["--contrastive", "--oversampling"]}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train_data_root", required=True)
+    p.add_argument("--test_data_root", help="test ImageFolder for validation.py (omit to train only)")
+    p.add_argument("--classes", nargs="+", required=True, help="the first is the majority class")
+    p.add_argument("--save_root", default="./saved_runs")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="default: all four")
+    p.add_argument("--ratios", nargs="+", default=["1", "0.1", "0.01", "0.005", "0.001"],
+                   help="minority fractions; every non-reference class gets it (paper: 1 0.1 0.01 0.005 0.001)")
+    p.add_argument("--runs", type=int, default=10, help="runs per cell (paper: 10)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids, e.g. 0,1: cells run side by side, "
+                   "each pinned to one GPU with CUDA_VISIBLE_DEVICES")
+    p.add_argument("--jobs_per_gpu", type=int, default=1, help="cells at once on each GPU (ResNet-18 leaves room)")
+    p.add_argument("--jobs", type=int, default=1, help="cells at once without --gpus (CPU)")
+    p.add_argument("--dry_run", action="store_true", help="print the plan, one train.py command per line")
+    p.add_argument("--task_id", type=int, default=None, help="run only cell I (0-based) of the full grid")
+    p.add_argument("--eval_only", action="store_true", help="skip training; run validation.py and report.py")
+    p.add_argument("--paper", choices=["coarse", "fine"], default=None, help="show the paper's Table 1 beside ours")
+    return p
+
+
+def parse(argv):
+    """-> (reproduce args, train.py flags passed through unchanged)."""
+    args, passthrough = get_args_parser().parse_known_args(argv)
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        raise UserError(f"--variants {' '.join(bad)}: choose from {' '.join(VARIANTS)}")
+    for flag in ("--seed", "--run_id", "--resume", "--contrastive", "--oversampling", "--ratio"):
+        if any(a == flag or a.startswith(flag + "=") for a in passthrough):
+            raise UserError(f"{flag} cannot be passed through reproduce.py: it sets it per cell "
+                            f"(each run_k is seeded with k)")
+    if args.runs < 1 or args.jobs < 1 or args.jobs_per_gpu < 1:
+        raise UserError("--runs, --jobs and --jobs_per_gpu must be at least 1")
+    for r in args.ratios:
+        parse_ratio(ratio_string(r, args.classes), args.classes)
+    return args, passthrough
+
+
+def ratio_string(r, classes):
+    """'0.01' with 2 classes -> '1:0.01'; with 3 classes -> '1:0.01:0.01'."""
+    return ":".join(["1"] + [r] * (len(classes) - 1))
+
+
+def grid(args):
+    """The full grid, in a fixed order: [(variant, ratio string, k)]."""
+    return [(v, ratio_string(r, args.classes), k) for v in args.variants for r in args.ratios
+            for k in range(1, args.runs + 1)]
+
+
+def cell_command(args, passthrough, cell):
+    """-> (run_dir, train.py argv or None when the run is already complete)."""
+    variant, ratio, k = cell
+    run_dir = os.path.join(args.save_root, variant, ratio_folder_name(parse_ratio(ratio, args.classes)), f"run_{k}")
+    if is_complete(run_dir):
+        return run_dir, None
+    if os.path.isfile(os.path.join(run_dir, "last.pth")):
+        return run_dir, ["train.py", "--resume", run_dir]
+    return run_dir, ["train.py", "--train_data_root", args.train_data_root, "--classes", *args.classes,
+                     "--ratio", ratio, "--save_root", args.save_root, "--run_id", str(k),
+                     *VARIANT_FLAGS[variant], *passthrough]
+
+
+def plan(args, passthrough):
+    cells = grid(args)
+    if args.task_id is not None:
+        if not 0 <= args.task_id < len(cells):
+            raise UserError(f"--task_id {args.task_id}: the grid has cells 0..{len(cells) - 1}")
+        cells = [cells[args.task_id]]
+    todo, done = [], 0
+    for cell in cells:
+        run_dir, cmd = cell_command(args, passthrough, cell)
+        if cmd is None:
+            done += 1
+        else:
+            todo.append((cell, run_dir, cmd))
+    return todo, done
+
+
+# ---------------------------------------------------------------- running
+
+def run_in_process(cmd):
+    """Sequential cells run train.main in this process: the same code, without re-importing torch."""
+    import train
+    try:
+        train.main(cmd[1:])
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:
+        if e.code == 130:   # Ctrl-C or SIGTERM inside the run: stop the whole grid, not just this cell
+            raise KeyboardInterrupt
+        return e.code if isinstance(e.code, int) else 1
+
+
+def run_subprocess(cmd, gpu, log_path):
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    with open(log_path, "ab") as log:
+        return subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:]], env=env,
+                              stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def train_all(args, todo):
+    """Run the planned cells; sequential in-process, or side by side in subprocesses. -> failed cells."""
+    slots = queue.Queue()
+    gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else [None]
+    for g in gpus:
+        for _ in range(args.jobs_per_gpu if args.gpus else args.jobs):
+            slots.put(g)
+    parallel = slots.qsize() > 1
+    log_dir = os.path.join(args.save_root, "reproduce_logs")  # one output file per cell run side by side
+    if parallel:
+        os.makedirs(log_dir, exist_ok=True)
+    failed, lock, count = [], threading.Lock(), [0]
+
+    def one(item):
+        cell, run_dir, cmd = item
+        gpu = slots.get()
+        t0 = time.time()
+        try:
+            name = "_".join(run_dir.split(os.sep)[-3:])
+            rc = run_subprocess(cmd, gpu, os.path.join(log_dir, name + ".txt")) if parallel else run_in_process(cmd)
+        finally:
+            slots.put(gpu)
+        with lock:
+            count[0] += 1
+            status = "done" if rc == 0 else f"FAILED (exit {rc})"
+            print(f"[{count[0]}/{len(todo)}] {status} {run_dir} in {time.time() - t0:.0f}s"
+                  + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
+            if rc != 0:
+                failed.append(run_dir)
+
+    if parallel:
+        with cf.ThreadPoolExecutor(slots.qsize()) as pool:
+            list(pool.map(one, todo))
+    else:
+        for item in todo:
+            one(item)
+    return failed
+
+
+def main(argv=None):
+    args, passthrough = parse(argv)
+    todo, done = plan(args, passthrough) if not args.eval_only else ([], 0)
+    if args.dry_run:
+        for _, _, cmd in todo:
+            print(shlex.join(["python3", *cmd]))
+        print(f"# {len(todo)} train.py command(s) to run, {done} cell(s) already complete", file=sys.stderr)
+        return
+    print(f"{len(todo)} run(s) to train, {done} already complete, under {args.save_root}", flush=True)
+    failed = train_all(args, todo) if todo else []
+    if args.task_id is None and args.test_data_root:
+        import report
+        import validation
+        val = ["--model_root", args.save_root, "--test_data_root", args.test_data_root, "--classes", *args.classes]
+        try:
+            validation.main(val)
+        except SystemExit as e:
+            if e.code:
+                raise UserError(f"validation.py evaluated nothing under {args.save_root}")
+        report.main(["--save_root", args.save_root] + (["--paper", args.paper] if args.paper else []))
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed: {' '.join(failed)}; re-run the same command to retry them")
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        run_main(main)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
+        sys.exit(130)
