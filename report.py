@@ -96,6 +96,7 @@ def figure(results, path):
             std = [cells[r]["summary"]["std"][key] or 0.0 for r in rs]
             ax.errorbar(rs, mean, yerr=std, marker="o", capsize=3, label=v)
         ax.set_xscale("log")
+        ax.invert_xaxis()  # balanced (1) on the left, rarest on the right, as in Table 1
         ax.set_xlabel("imbalance ratio (minority : majority)")
         ax.set_ylabel("accuracy")
         ax.set_title(c)

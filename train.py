@@ -7,6 +7,7 @@ Each run lands in <save_root>/<variant>/<ratio>/run_X/ with config.json, train.l
 best.pth, last.pth and, once finished, summary.json. See README.md for every flag.
 """
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -23,8 +24,8 @@ from tqdm import tqdm
 
 import data
 from model import TAPPABLE, build_model, compute_loss, forward_with_taps
-from utils import (UserError, append_line, claim_run_dir, git_commit, is_complete, load_checkpoint,
-                   parse_ratio, ratio_folder_name, run_main, run_number, save_checkpoint, variant_name,
+from utils import (BackgroundSaver, UserError, append_line, claim_run_dir, git_commit, is_complete, load_checkpoint,
+                   parse_ratio, ratio_folder_name, run_main, run_number, variant_name,
                    write_json_atomic, ACC_DECIMALS)
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
@@ -298,7 +299,12 @@ def main(argv=None):
     a = cfg["args"]
     device = resolve_device(a["device"])
     log = os.path.join(run_dir, "train.log")
-    dataset, labels = build_train_data(cfg, run_dir, device)
+    try:
+        dataset, labels = build_train_data(cfg, run_dir, device)
+    except UserError:
+        if not state and not os.listdir(run_dir):
+            os.rmdir(run_dir)  # nothing was written: give the number back
+        raise
     cfg.update(git_commit=git_commit(), torch=str(torch.__version__), torchvision=str(torchvision.__version__),
                python=platform.python_version(), device=str(device), host=platform.node())
     write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
@@ -321,16 +327,18 @@ def main(argv=None):
     net = torch.compile(net) if a["compile"] else net
     loader, generator = make_loader(dataset, labels, cfg, device)
 
-    epoch = start
+    epoch, saver = start, BackgroundSaver()
     try:
         for epoch in range(start, a["num_epochs"] + 1):
             seed_epoch(cfg["seed"], epoch, generator)
             m = train_one_epoch(net, loader, optimizer, device, cfg, f"epoch {epoch}/{a['num_epochs']}")
-            best = save_epoch(run_dir, model, optimizer, epoch, m, best, cfg)
+            best = save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg)
             append_line(log, epoch_line(epoch, a["num_epochs"], m, a["classes"]))
             append_line(os.path.join(run_dir, "metrics.jsonl"), json.dumps({"epoch": epoch, **m}))
             print(epoch_line(epoch, a["num_epochs"], m, a["classes"]), file=sys.stderr)
+        saver.wait()
     except (KeyboardInterrupt, Interrupted) as e:
+        saver.wait()  # the last finished epoch's checkpoint completes; a half-written one is never renamed in
         append_line(log, f"Interrupted during epoch {epoch} ({type(e).__name__}); last.pth holds epoch {epoch - 1}; "
                          f"continue with: python3 train.py --resume {run_dir}")
         print(f"interrupted; continue with: python3 train.py --resume {run_dir}", file=sys.stderr)
@@ -345,21 +353,27 @@ def main(argv=None):
     return run_dir
 
 
-def save_epoch(run_dir, model, optimizer, epoch, m, best, cfg):
+def save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg):
     """best.pth when Train Acc is strictly higher than before (ties keep the earlier epoch); last.pth
-    always. Both hold tensors and plain types only and load with torch.load(weights_only=True)."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    always. Both hold tensors and plain types only and load with torch.load(weights_only=True).
+    They are snapshots (copies), written by the background saver while the next epoch trains."""
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    jobs = []
     if m["train_acc"] > best[1]:
         best = (epoch, m["train_acc"])
-        save_checkpoint(os.path.join(run_dir, "best.pth"),
-                        {"model": weights, "epoch": epoch, "train_acc": m["train_acc"], "config": cfg})
+        jobs.append((os.path.join(run_dir, "best.pth"),
+                     {"model": weights, "epoch": epoch, "train_acc": m["train_acc"], "config": cfg}))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    save_checkpoint(os.path.join(run_dir, "last.pth"),
-                    {"model": weights, "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "train_acc": m["train_acc"], "best_epoch": best[0], "best_train_acc": best[1],
-                     "rng": rng, "config": cfg})
+    sd = optimizer.state_dict()
+    opt_state = {"state": {k: {n: t.to("cpu", copy=True) if torch.is_tensor(t) else t for n, t in v.items()}
+                           for k, v in sd["state"].items()},
+                 "param_groups": copy.deepcopy(sd["param_groups"])}
+    jobs.append((os.path.join(run_dir, "last.pth"),
+                 {"model": weights, "optimizer": opt_state, "epoch": epoch, "train_acc": m["train_acc"],
+                  "best_epoch": best[0], "best_train_acc": best[1], "rng": rng, "config": copy.deepcopy(cfg)}))
+    saver.save(jobs)
     return best
 
 

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 
 import torch
 
@@ -100,6 +101,36 @@ def write_json_atomic(path, obj):
 def save_checkpoint(path, ckpt):
     """torch.save through a temporary file: path always holds a complete checkpoint."""
     _atomic_replace(path, lambda f: torch.save(ckpt, f))
+
+
+class BackgroundSaver:
+    """Writes checkpoints in a background thread, one batch of files at a time, so that training does
+    not wait on the disk. The caller hands over snapshots (tensors it will not modify); wait() returns
+    once the last batch is on disk and re-raises any error from writing it."""
+
+    def __init__(self):
+        self._thread, self._error = None, None
+
+    def save(self, jobs):
+        """jobs: [(path, checkpoint)], written in order with save_checkpoint()."""
+        self.wait()
+
+        def work():
+            try:
+                for path, ckpt in jobs:
+                    save_checkpoint(path, ckpt)
+            except BaseException as e:  # handed to the training thread by wait()
+                self._error = e
+        self._thread = threading.Thread(target=work, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -92,3 +92,46 @@ def test_help_states_the_paper_defaults(capsys):
     out = capsys.readouterr().out
     for text in ("paper: batch size 64".replace("batch size ", ""), "paper: 0.001", "paper: 100", "layer3 layer4"):
         assert text in out
+
+
+def test_lr_and_num_workers_reach_the_optimizer_and_loader(image_data, tmp_path):
+    run = run_train(image_data["train"], tmp_path, "--lr", "0.01", "--num_workers", "1", "--seed", "2")
+    opt = torch.load(os.path.join(run, "last.pth"), weights_only=True)["optimizer"]
+    assert opt["param_groups"][0]["lr"] == 0.01
+    import train
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    loader, _ = train.make_loader([0] * 4, [0, 0, 1, 1], cfg, torch.device("cpu"))
+    assert loader.num_workers == 1 and not loader.pin_memory
+
+
+def test_compile_wraps_the_forward_pass(image_data, tmp_path, monkeypatch):
+    import train
+    compiled = []
+
+    def fake_compile(module):
+        compiled.append(module)
+        return module
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    run_train(image_data["train"], tmp_path, "--compile", "--contrastive")
+    assert len(compiled) == 1 and isinstance(compiled[0], train.Tapped)
+    assert compiled[0].taps == ("layer3", "layer4")
+
+
+def test_amp_and_channels_last_apply_on_cuda_only(monkeypatch):
+    import train
+    seen = {}
+    real = torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True):
+        seen["autocast"] = (device_type, enabled)
+        return real(device_type, dtype=dtype, enabled=enabled)
+    monkeypatch.setattr(torch, "autocast", spy)
+    cfg = {"args": {"classes": ["a", "b"], "amp": True, "channels_last": True, "contrastive_weight": 1.0}}
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    net = lambda x: (model(x), {})
+    loader = [(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train = lambda mode=True: model
+    net.train = lambda: None
+    train.train_one_epoch(net, loader, opt, torch.device("cpu"), cfg, "t")
+    assert seen["autocast"] == ("cpu", False)      # --amp is a CUDA option: off on CPU

@@ -1,0 +1,319 @@
+"""Speed and memory of training and evaluation, side by side on one generated JPEG folder.
+
+    python3 bench.py --quick                       # a few minutes on 2 CPU cores
+    python3 bench.py --img_sizes 64 224 --batch_sizes 64 256 --device cuda
+
+For each image size and batch size it measures, each in a fresh process (so that peak RSS belongs to
+one configuration):
+  compute    the model's compute-only limit: train steps of the same model, optimizer and loss on one
+             ready tensor batch already on the device (no loader)
+  compute_c  the same with --contrastive (taps + feature-similarity loss): contrastive_overhead
+  train      train.py itself (in-process main()), steady state = its second epoch's img/s
+  naive      a naive loop: torchvision ImageFolder + PIL + the same transforms + a default DataLoader
+             + the same model and optimizer
+and once: validation.py over 8 runs vs evaluating the same 8 runs one by one with fresh decoding.
+The last line printed is one JSON object with every figure.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLASSES = ("class-a", "class-b")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--img_sizes", nargs="+", type=int, default=[64, 224])
+    p.add_argument("--batch_sizes", nargs="+", type=int, default=[64], help="paper: 64")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num_workers", type=int, default=None, help="as train.py (default: its own default)")
+    p.add_argument("--images_per_class", type=int, default=320, help="training JPEGs per class")
+    p.add_argument("--test_per_class", type=int, default=100, help="test JPEGs per class")
+    p.add_argument("--steps", type=int, default=20, help="timed steps of the compute and naive loops")
+    p.add_argument("--eval_runs", type=int, default=8)
+    p.add_argument("--eval_size", type=int, default=None, help="image size of the evaluation test (default: "
+                   "the first of --img_sizes)")
+    p.add_argument("--quick", action="store_true", help="fewer images and steps; batch 16 at sizes over 128")
+    p.add_argument("--work_dir", default=os.path.join(HERE, "bench_out"))
+    p.add_argument("--measure", help=argparse.SUPPRESS)   # internal: one measurement in this process
+    p.add_argument("--img_size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------- data
+
+def photo_like(rng, h, w):
+    """A smooth random 'photo' (low-frequency colour field plus fine noise): decodes like a real JPEG."""
+    from PIL import Image
+    low = rng.integers(0, 256, (max(2, h // 64), max(2, w // 64), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    img = img + rng.integers(-12, 12, (h, w, 3))
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def make_jpeg_folder(root, per_class, seed):
+    """root/<class>/<i>.jpg, 400-600 px photos at JPEG quality 90; kept between calls."""
+    rng = np.random.default_rng(seed)
+    for c in CLASSES:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            path = os.path.join(root, c, f"{i:05d}.jpg")
+            if not os.path.exists(path):
+                h, w = (int(v) for v in rng.integers(400, 601, 2))
+                photo_like(rng, h, w).save(path, quality=90)
+    return root
+
+
+# ---------------------------------------------------------------- measurements (one per process)
+
+def _device(name):
+    from train import resolve_device
+    return resolve_device(name)
+
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_compute(args, contrastive):
+    """Train steps on one ready batch: the model's own limit (no loader, no decoding)."""
+    import torch
+    from model import build_model, compute_loss
+    from train import Tapped, make_optimizer
+    device = _device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = build_model(2, "none").to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    net = Tapped(model, ("layer3", "layer4") if contrastive else ())
+    opt = make_optimizer("adam", model.parameters(), 1e-3)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if cuda else x
+    y = torch.arange(args.batch_size, device=device) % 2
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits, feats = net(x)
+        loss, _ = compute_loss(logits, feats, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(3):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    return {"img_per_s": args.batch_size / dt, "step_s": dt}
+
+
+def measure_train(args):
+    """train.py's main() on the JPEG folder: two epochs, the second is the steady state."""
+    import train
+    save = os.path.join(args.work_dir, f"train_runs_{args.img_size}_{args.batch_size}")
+    shutil.rmtree(save, ignore_errors=True)
+    argv = ["--train_data_root", os.path.join(args.work_dir, "train"), "--classes", *CLASSES, "--ratio", "1:1",
+            "--save_root", save, "--num_epochs", "2", "--img_size", str(args.img_size), "--weights", "none",
+            "--batch_size", str(args.batch_size), "--device", args.device, "--seed", "0"]
+    if args.num_workers is not None:
+        argv += ["--num_workers", str(args.num_workers)]
+    t0 = time.perf_counter()
+    run = train.main(argv)
+    total = time.perf_counter() - t0
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        epochs = [json.loads(l) for l in f]
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    last = epochs[-1]
+    return {"img_per_s": last["img_per_s"], "data_wait_fraction": last["data_wait_fraction"],
+            "cache_MiB": cfg["cache_bytes"] / 2 ** 20, "whole_run_s": total}
+
+
+def measure_naive(args):
+    """The reference loop most repositories use: ImageFolder + PIL transforms + a default DataLoader."""
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+    from model import build_model
+    from train import make_optimizer
+    device = _device(args.device)
+    cuda = device.type == "cuda"
+    workers = args.num_workers if args.num_workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
+    tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.RandAugment(),
+                    T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    ds = torchvision.datasets.ImageFolder(os.path.join(args.work_dir, "train"), transform=tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=workers)
+    torch.manual_seed(0)
+    model = build_model(2, "none").to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer("adam", model.parameters(), 1e-3)
+    warmup, steps, done, t0 = 2, args.steps, 0, None
+    while done < warmup + steps:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == warmup:
+                _sync(device)
+                t0, seen = time.perf_counter(), 0
+            elif done > warmup:
+                seen += len(y)
+            if done == warmup + steps:
+                break
+    _sync(device)
+    return {"img_per_s": seen / (time.perf_counter() - t0)}
+
+
+def measure_eval(args):
+    """validation.py over N copies of one run vs the same N runs evaluated one by one, decoding afresh."""
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+    import train
+    import validation
+    from model import build_model
+    device = _device(args.device)
+    root = os.path.join(args.work_dir, f"eval_runs_{args.img_size}")
+    shutil.rmtree(root, ignore_errors=True)
+    run = train.main(["--train_data_root", os.path.join(args.work_dir, "train"), "--classes", *CLASSES,
+                      "--ratio", "1:1", "--max_per_class", "16", "--save_root", os.path.join(root, "src"),
+                      "--num_epochs", "1", "--img_size", str(args.img_size), "--weights", "none",
+                      "--device", args.device, "--seed", "0"])
+    variant = os.path.join(root, "baseline")
+    for k in range(1, args.eval_runs + 1):
+        shutil.copytree(run, os.path.join(variant, "1_1", f"run_{k}"))
+    test = os.path.join(args.work_dir, "test")
+    t0 = time.perf_counter()
+    validation.main(["--model_root", variant, "--test_data_root", test, "--device", args.device])
+    ours = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    workers = min(8, os.cpu_count() or 1)
+    tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    correct = []
+    for k in range(1, args.eval_runs + 1):
+        model = build_model(2, "none")
+        model.load_state_dict(torch.load(os.path.join(variant, "1_1", f"run_{k}", "best.pth"),
+                                         weights_only=True)["model"])
+        model.to(device).eval()
+        loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(test, transform=tf),
+                                             batch_size=256, num_workers=workers)
+        n = 0
+        with torch.inference_mode():
+            for x, y in loader:
+                n += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        correct.append(n)
+    naive = time.perf_counter() - t0
+    return {"validation_s": ours, "one_by_one_s": naive, "eval_speedup": naive / ours, "runs": args.eval_runs}
+
+
+def run_measure(args):
+    import torch
+    fn = {"compute": lambda: measure_compute(args, False), "compute_c": lambda: measure_compute(args, True),
+          "train": lambda: measure_train(args), "naive": lambda: measure_naive(args),
+          "eval": lambda: measure_eval(args)}[args.measure]
+    out = fn()
+    out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        out["peak_cuda_MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    print("BENCH " + json.dumps(out))
+
+
+# ---------------------------------------------------------------- the driver
+
+def child(args, name, size, batch, steps):
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure", name, "--img_size", str(size),
+           "--batch_size", str(batch), "--steps", str(steps), "--device", args.device, "--work_dir", args.work_dir,
+           "--eval_runs", str(args.eval_runs)]
+    if args.num_workers is not None:
+        cmd += ["--num_workers", str(args.num_workers)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("BENCH ")]
+    if out.returncode != 0 or not line:
+        sys.exit(f"bench: measurement {name} at {size} px failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[-1][6:])
+
+
+def main():
+    args = get_args_parser().parse_args()
+    if args.measure:
+        return run_measure(args)
+    per_class = 64 if args.quick else args.images_per_class
+    test_per_class = 50 if args.quick else args.test_per_class
+    t0 = time.time()
+    make_jpeg_folder(os.path.join(args.work_dir, "train"), per_class, seed=0)
+    make_jpeg_folder(os.path.join(args.work_dir, "test"), test_per_class, seed=1)
+    print(f"JPEG folders ready in {args.work_dir} ({time.time() - t0:.0f}s)", flush=True)
+    import torch
+    from train import resolve_device
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    results = {"device": name, "img_size": args.img_sizes, "configs": []}
+    for size in args.img_sizes:
+        for batch in args.batch_sizes:
+            b = min(batch, 16) if args.quick and size > 128 and device.type == "cpu" else batch
+            steps = max(3, args.steps // (4 if args.quick else 1)) if size > 128 and device.type == "cpu" else args.steps
+            r = {"img_size": size, "batch_size": b}
+            for m in ("compute", "compute_c", "train", "naive"):
+                r[m] = child(args, m, size, b, steps)
+                print(f"{size} px, batch {b}, {m:<9}: {r[m]['img_per_s']:8.1f} img/s, peak RSS "
+                      f"{r[m]['peak_rss_MiB']:.0f} MiB" + (f", CUDA {r[m]['peak_cuda_MiB']:.0f} MiB"
+                                                           if "peak_cuda_MiB" in r[m] else ""), flush=True)
+            r["train_vs_compute_limit"] = r["train"]["img_per_s"] / r["compute"]["img_per_s"]
+            r["train_vs_naive"] = r["train"]["img_per_s"] / r["naive"]["img_per_s"]
+            r["contrastive_overhead"] = r["compute"]["img_per_s"] / r["compute_c"]["img_per_s"]
+            print(f"{size} px, batch {b}: train/compute limit {r['train_vs_compute_limit']:.3f}, train/naive "
+                  f"{r['train_vs_naive']:.2f}x, contrastive overhead {r['contrastive_overhead']:.3f}, data wait "
+                  f"{r['train']['data_wait_fraction']:.1%}, image cache {r['train']['cache_MiB']:.0f} MiB", flush=True)
+            results["configs"].append(r)
+    eval_size = args.eval_size or args.img_sizes[0]
+    results["eval"] = child(args, "eval", eval_size, 64, args.steps)
+    e = results["eval"]
+    print(f"evaluation of {e['runs']} runs at {eval_size} px: validation.py {e['validation_s']:.1f}s, one by one "
+          f"{e['one_by_one_s']:.1f}s, speedup {e['eval_speedup']:.2f}x", flush=True)
+    first = results["configs"][0]
+    summary = {"device": name, "img_size": args.img_sizes,
+               "train_vs_naive": round(first["train_vs_naive"], 3),
+               "train_vs_compute_limit": round(first["train_vs_compute_limit"], 3),
+               "contrastive_overhead": round(first["contrastive_overhead"], 3),
+               "eval_speedup": round(e["eval_speedup"], 3), "eval_img_size": eval_size,
+               "per_config": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in
+                               {"img_size": c["img_size"], "batch_size": c["batch_size"],
+                                "train_img_per_s": c["train"]["img_per_s"],
+                                "compute_img_per_s": c["compute"]["img_per_s"],
+                                "naive_img_per_s": c["naive"]["img_per_s"],
+                                "train_vs_compute_limit": c["train_vs_compute_limit"],
+                                "train_vs_naive": c["train_vs_naive"],
+                                "contrastive_overhead": c["contrastive_overhead"],
+                                "data_wait_fraction": c["train"]["data_wait_fraction"],
+                                "cache_MiB": c["train"]["cache_MiB"],
+                                "peak_rss_MiB": {m: c[m]["peak_rss_MiB"] for m in ("compute", "train", "naive")},
+                                "peak_cuda_MiB": {m: c[m].get("peak_cuda_MiB") for m in ("compute", "train", "naive")},
+                                }.items()} for c in results["configs"]]}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
