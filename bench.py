@@ -6,9 +6,10 @@
 For each image size and batch size it measures, each in a fresh process (so that peak RSS belongs to
 one configuration):
   compute    the model's compute-only limit: train steps of the same model, optimizer and loss on one
-             ready tensor batch already on the device (no loader)
-  compute_c  the same with --contrastive (taps + feature-similarity loss): contrastive_overhead
-  train      train.py itself (in-process main()), steady state = its second epoch's img/s
+             ready tensor batch already on the device (no loader), alternating rounds without and
+             with --contrastive (taps + feature-similarity loss): contrastive_overhead
+  train      train.py itself (in-process main()), 4 epochs; steady state = the median img/s of epochs
+             2-4, against the compute-only limit measured in the same process just before and after
   naive      a naive loop: torchvision ImageFolder + PIL + the same transforms + a default DataLoader
              + the same model and optimizer
 and once: validation.py over 8 runs vs evaluating the same 8 runs one by one with fresh decoding.
@@ -40,13 +41,15 @@ def get_args_parser():
     p.add_argument("--test_per_class", type=int, default=100, help="test JPEGs per class")
     p.add_argument("--steps", type=int, default=20, help="timed steps of the compute and naive loops")
     p.add_argument("--eval_runs", type=int, default=8)
-    p.add_argument("--eval_size", type=int, default=None, help="image size of the evaluation test (default: "
-                   "the first of --img_sizes)")
-    p.add_argument("--quick", action="store_true", help="fewer images and steps; batch 16 at sizes over 128")
+    p.add_argument("--eval_sizes", nargs="+", type=int, default=None, help="image sizes of the evaluation "
+                   "test (default: the --img_sizes)")
+    p.add_argument("--quick", action="store_true", help="on CPU: batch 16 and a quarter of the steps at sizes "
+                   "over 128 px, and 64 training images per class there")
     p.add_argument("--work_dir", default=os.path.join(HERE, "bench_out"))
     p.add_argument("--measure", help=argparse.SUPPRESS)   # internal: one measurement in this process
     p.add_argument("--img_size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--train_cap", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -87,61 +90,88 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure_compute(args, contrastive):
-    """Train steps on one ready batch: the model's own limit (no loader, no decoding)."""
+def compute_stepper(args, device):
+    """-> step(contrastive): one train step of the same model, optimizer and loss on one ready batch
+    already on the device (no loader, no decoding): the model's compute-only limit."""
     import torch
     from model import build_model, compute_loss
     from train import Tapped, make_optimizer
-    device = _device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = build_model(2, "none").to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    net = Tapped(model, ("layer3", "layer4") if contrastive else ())
+    nets = {False: Tapped(model, ()), True: Tapped(model, ("layer3", "layer4"))}
     opt = make_optimizer("adam", model.parameters(), 1e-3)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if cuda else x
     y = torch.arange(args.batch_size, device=device) % 2
 
-    def step():
+    def step(contrastive):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits, feats = net(x)
+            logits, feats = nets[contrastive](x)
         loss, _ = compute_loss(logits, feats, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for _ in range(3):
-        step()
+    return step
+
+
+def time_steps(step, contrastive, n, device):
+    """Seconds per step over n steps."""
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    for _ in range(n):
+        step(contrastive)
     _sync(device)
-    dt = (time.perf_counter() - t0) / args.steps
-    return {"img_per_s": args.batch_size / dt, "step_s": dt}
+    return (time.perf_counter() - t0) / n
+
+
+def measure_compute(args, rounds=5):
+    """Compute-only img/s without and with the contrastive loss, in alternating rounds so that both see
+    the same machine state; contrastive_overhead = median over rounds of (step with / step without)."""
+    device = _device(args.device)
+    step = compute_stepper(args, device)
+    n = max(1, args.steps // rounds)
+    for c in (False, True, False, True):
+        step(c)                                  # warm-up
+    plain, contr = [], []
+    for _ in range(rounds):
+        plain.append(time_steps(step, False, n, device))
+        contr.append(time_steps(step, True, n, device))
+    return {"img_per_s": args.batch_size / float(np.median(plain)),
+            "contrastive_img_per_s": args.batch_size / float(np.median(contr)),
+            "contrastive_overhead": float(np.median([c / p for c, p in zip(contr, plain)]))}
 
 
 def measure_train(args):
-    """train.py's main() on the JPEG folder: two epochs, the second is the steady state."""
+    """train.py's main() on the JPEG folder: four epochs; the first is the warm-up."""
     import train
     save = os.path.join(args.work_dir, f"train_runs_{args.img_size}_{args.batch_size}")
     shutil.rmtree(save, ignore_errors=True)
     argv = ["--train_data_root", os.path.join(args.work_dir, "train"), "--classes", *CLASSES, "--ratio", "1:1",
-            "--save_root", save, "--num_epochs", "2", "--img_size", str(args.img_size), "--weights", "none",
-            "--batch_size", str(args.batch_size), "--device", args.device, "--seed", "0"]
+            "--save_root", save, "--num_epochs", "4", "--img_size", str(args.img_size), "--weights", "none",
+            "--batch_size", str(args.batch_size), "--device", args.device, "--seed", "0",
+            "--max_per_class", str(args.train_cap)]
     if args.num_workers is not None:
         argv += ["--num_workers", str(args.num_workers)]
+    device = _device(args.device)
+    step = compute_stepper(args, device)
+    step(False)
+    limit = [time_steps(step, False, args.steps, device)]   # the compute-only limit, before...
     t0 = time.perf_counter()
     run = train.main(argv)
     total = time.perf_counter() - t0
+    limit.append(time_steps(step, False, args.steps, device))  # ...and after, in this same process
     with open(os.path.join(run, "metrics.jsonl")) as f:
         epochs = [json.loads(l) for l in f]
     with open(os.path.join(run, "config.json")) as f:
         cfg = json.load(f)
-    last = epochs[-1]
-    return {"img_per_s": last["img_per_s"], "data_wait_fraction": last["data_wait_fraction"],
-            "cache_MiB": cfg["cache_bytes"] / 2 ** 20, "whole_run_s": total}
+    steady = epochs[1:]   # epoch 1 holds the warm-up; the figure is the median of the others
+    return {"img_per_s": float(np.median([e["img_per_s"] for e in steady])),
+            "data_wait_fraction": float(np.median([e["data_wait_fraction"] for e in steady])),
+            "cache_MiB": cfg["cache_bytes"] / 2 ** 20, "whole_run_s": total,
+            "compute_img_per_s": args.batch_size / float(np.mean(limit))}
 
 
 def measure_naive(args):
@@ -231,8 +261,7 @@ def measure_eval(args):
 
 def run_measure(args):
     import torch
-    fn = {"compute": lambda: measure_compute(args, False), "compute_c": lambda: measure_compute(args, True),
-          "train": lambda: measure_train(args), "naive": lambda: measure_naive(args),
+    fn = {"compute": lambda: measure_compute(args), "train": lambda: measure_train(args), "naive": lambda: measure_naive(args),
           "eval": lambda: measure_eval(args)}[args.measure]
     out = fn()
     out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -243,10 +272,10 @@ def run_measure(args):
 
 # ---------------------------------------------------------------- the driver
 
-def child(args, name, size, batch, steps):
+def child(args, name, size, batch, steps, train_cap=0):
     cmd = [sys.executable, os.path.abspath(__file__), "--measure", name, "--img_size", str(size),
            "--batch_size", str(batch), "--steps", str(steps), "--device", args.device, "--work_dir", args.work_dir,
-           "--eval_runs", str(args.eval_runs)]
+           "--eval_runs", str(args.eval_runs), "--train_cap", str(train_cap)]
     if args.num_workers is not None:
         cmd += ["--num_workers", str(args.num_workers)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -256,12 +285,35 @@ def child(args, name, size, batch, steps):
     return json.loads(line[-1][6:])
 
 
+def measure_config(args, size, batch, cpu):
+    """compute, train and naive for one image size and batch size -> dict with the ratios."""
+    big = args.quick and cpu and size > 128
+    b, steps, cap = (min(batch, 16), max(3, args.steps // 4), 64) if big else (batch, args.steps, 0)
+    r = {"img_size": size, "batch_size": b}
+    for m in ("compute", "train", "naive"):
+        r[m] = child(args, m, size, b, steps, cap)
+        print(f"{size} px, batch {b}, {m:<7}: {r[m]['img_per_s']:8.1f} img/s, peak RSS {r[m]['peak_rss_MiB']:.0f} MiB"
+              + (f", CUDA {r[m]['peak_cuda_MiB']:.0f} MiB" if "peak_cuda_MiB" in r[m] else ""), flush=True)
+    r["train_vs_compute_limit"] = r["train"]["img_per_s"] / r["train"]["compute_img_per_s"]
+    r["train_vs_naive"] = r["train"]["img_per_s"] / r["naive"]["img_per_s"]
+    r["contrastive_overhead"] = r["compute"]["contrastive_overhead"]
+    print(f"{size} px, batch {b}: train {r['train']['img_per_s']:.1f} img/s vs compute limit "
+          f"{r['train']['compute_img_per_s']:.1f} img/s in the same process = {r['train_vs_compute_limit']:.3f}; "
+          f"train/naive {r['train_vs_naive']:.2f}x; contrastive overhead {r['contrastive_overhead']:.3f}; "
+          f"data wait {r['train']['data_wait_fraction']:.1%}; image cache {r['train']['cache_MiB']:.0f} MiB", flush=True)
+    return r
+
+
+def _round(d):
+    return {k: round(v, 3) if isinstance(v, float) else _round(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
 def main():
     args = get_args_parser().parse_args()
     if args.measure:
         return run_measure(args)
-    per_class = 64 if args.quick else args.images_per_class
-    test_per_class = 50 if args.quick else args.test_per_class
+    per_class = args.images_per_class      # train.py's epoch: 2 x this, enough steps for a steady state
+    test_per_class = args.test_per_class
     t0 = time.time()
     make_jpeg_folder(os.path.join(args.work_dir, "train"), per_class, seed=0)
     make_jpeg_folder(os.path.join(args.work_dir, "test"), test_per_class, seed=1)
@@ -270,48 +322,31 @@ def main():
     from train import resolve_device
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    results = {"device": name, "img_size": args.img_sizes, "configs": []}
-    for size in args.img_sizes:
-        for batch in args.batch_sizes:
-            b = min(batch, 16) if args.quick and size > 128 and device.type == "cpu" else batch
-            steps = max(3, args.steps // (4 if args.quick else 1)) if size > 128 and device.type == "cpu" else args.steps
-            r = {"img_size": size, "batch_size": b}
-            for m in ("compute", "compute_c", "train", "naive"):
-                r[m] = child(args, m, size, b, steps)
-                print(f"{size} px, batch {b}, {m:<9}: {r[m]['img_per_s']:8.1f} img/s, peak RSS "
-                      f"{r[m]['peak_rss_MiB']:.0f} MiB" + (f", CUDA {r[m]['peak_cuda_MiB']:.0f} MiB"
-                                                           if "peak_cuda_MiB" in r[m] else ""), flush=True)
-            r["train_vs_compute_limit"] = r["train"]["img_per_s"] / r["compute"]["img_per_s"]
-            r["train_vs_naive"] = r["train"]["img_per_s"] / r["naive"]["img_per_s"]
-            r["contrastive_overhead"] = r["compute"]["img_per_s"] / r["compute_c"]["img_per_s"]
-            print(f"{size} px, batch {b}: train/compute limit {r['train_vs_compute_limit']:.3f}, train/naive "
-                  f"{r['train_vs_naive']:.2f}x, contrastive overhead {r['contrastive_overhead']:.3f}, data wait "
-                  f"{r['train']['data_wait_fraction']:.1%}, image cache {r['train']['cache_MiB']:.0f} MiB", flush=True)
-            results["configs"].append(r)
-    eval_size = args.eval_size or args.img_sizes[0]
-    results["eval"] = child(args, "eval", eval_size, 64, args.steps)
-    e = results["eval"]
-    print(f"evaluation of {e['runs']} runs at {eval_size} px: validation.py {e['validation_s']:.1f}s, one by one "
-          f"{e['one_by_one_s']:.1f}s, speedup {e['eval_speedup']:.2f}x", flush=True)
-    first = results["configs"][0]
+    configs = [measure_config(args, size, batch, device.type == "cpu")
+               for size in args.img_sizes for batch in args.batch_sizes]
+    evals = []
+    for size in args.eval_sizes or args.img_sizes:
+        e = child(args, "eval", size, 64, args.steps)
+        e["img_size"] = size
+        evals.append(e)
+        print(f"evaluation of {e['runs']} runs at {size} px: validation.py {e['validation_s']:.1f}s, one by one "
+              f"{e['one_by_one_s']:.1f}s, speedup {e['eval_speedup']:.2f}x", flush=True)
+    first = configs[0]
     summary = {"device": name, "img_size": args.img_sizes,
                "train_vs_naive": round(first["train_vs_naive"], 3),
                "train_vs_compute_limit": round(first["train_vs_compute_limit"], 3),
                "contrastive_overhead": round(first["contrastive_overhead"], 3),
-               "eval_speedup": round(e["eval_speedup"], 3), "eval_img_size": eval_size,
-               "per_config": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in
-                               {"img_size": c["img_size"], "batch_size": c["batch_size"],
-                                "train_img_per_s": c["train"]["img_per_s"],
-                                "compute_img_per_s": c["compute"]["img_per_s"],
-                                "naive_img_per_s": c["naive"]["img_per_s"],
-                                "train_vs_compute_limit": c["train_vs_compute_limit"],
-                                "train_vs_naive": c["train_vs_naive"],
-                                "contrastive_overhead": c["contrastive_overhead"],
-                                "data_wait_fraction": c["train"]["data_wait_fraction"],
-                                "cache_MiB": c["train"]["cache_MiB"],
-                                "peak_rss_MiB": {m: c[m]["peak_rss_MiB"] for m in ("compute", "train", "naive")},
-                                "peak_cuda_MiB": {m: c[m].get("peak_cuda_MiB") for m in ("compute", "train", "naive")},
-                                }.items()} for c in results["configs"]]}
+               "eval_speedup": round(evals[0]["eval_speedup"], 3), "eval_img_size": evals[0]["img_size"],
+               "per_config": [_round({
+                   "img_size": c["img_size"], "batch_size": c["batch_size"],
+                   "train_img_per_s": c["train"]["img_per_s"], "compute_img_per_s": c["train"]["compute_img_per_s"],
+                   "naive_img_per_s": c["naive"]["img_per_s"], "train_vs_compute_limit": c["train_vs_compute_limit"],
+                   "train_vs_naive": c["train_vs_naive"], "contrastive_overhead": c["contrastive_overhead"],
+                   "data_wait_fraction": c["train"]["data_wait_fraction"], "cache_MiB": c["train"]["cache_MiB"],
+                   "peak_rss_MiB": {m: c[m]["peak_rss_MiB"] for m in ("compute", "train", "naive")},
+                   "peak_cuda_MiB": {m: c[m].get("peak_cuda_MiB") for m in ("compute", "train", "naive")}})
+                   for c in configs],
+               "eval": [_round(e) for e in evals]}
     print(json.dumps(summary))
 
 
