@@ -74,3 +74,27 @@ def test_paper_augmentation_draws_per_image_and_plain_leaves_pixels():
     assert data.build_augment("plain") is None
     with pytest.raises(UserError, match="paper, plain"):
         data.build_augment("fancy")
+
+
+def test_cached_pixels_equal_torchvision_resize_on_pil(tmp_path):
+    """The cache holds exactly what ImageFolder + transforms.Resize((S, S)) would give."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "photo.jpg")
+    Image.fromarray(rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(path)
+    for size in (32, 64):
+        ours = data.load_image(path, size)
+        ref = np.array(T.Resize((size, size))(Image.open(path).convert("RGB")))
+        assert ours.shape == ref.shape and (ours == ref).all()
+
+
+def test_augmentation_is_drawn_anew_at_every_visit_of_the_same_image():
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    ds = data.ImageSet([0], 32, images=images, transform=data.build_augment("paper"))
+    torch.manual_seed(0)
+    visits = [ds[0][0] for _ in range(8)]          # an oversampled image is visited many times
+    assert len({v.float().sum().item() for v in visits}) > 1
+    torch.manual_seed(0)
+    assert all(torch.equal(a, ds[0][0]) for a in visits)   # and the same seed draws the same way
