@@ -13,6 +13,9 @@ one configuration):
   naive      a naive loop: torchvision ImageFolder + PIL + the same transforms + a default DataLoader
              + the same model and optimizer
 and once: validation.py over 8 runs vs evaluating the same 8 runs one by one with fresh decoding.
+From the rates it also reports TFLOP/s (img/s x 10.9 GFLOP per 224 px training image, scaled by
+size^2), the fraction of --peak_tflops, and the hours the paper's full grid (3.2 x 10^8 training
+images) would take at train.py's rate.
 The last line printed is one JSON object with every figure.
 """
 import argparse
@@ -29,6 +32,16 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ("class-a", "class-b")
+GFLOP_PER_TRAIN_IMAGE_224 = 10.9   # ResNet-18 forward + backward on one 224 px image (3 x 1.82 GFLOP, rounded)
+
+
+def paper_grid_images():
+    """Training images the paper's full grid visits: 4 variants x 5 ratios x 10 runs x 100 epochs, with
+    10,000 majority images; oversampled epochs hold 2 x 10,000 images."""
+    n, per_grid_epoch = 10000, 0
+    for r in (1, 0.1, 0.01, 0.005, 0.001):
+        per_grid_epoch += 2 * (n + round(r * n)) + 2 * (2 * n)   # baseline, contrastive; oversampling, proposed
+    return per_grid_epoch * 10 * 100
 
 
 def get_args_parser():
@@ -46,6 +59,8 @@ def get_args_parser():
     p.add_argument("--quick", action="store_true", help="on CPU: batch 16 and a quarter of the steps at sizes "
                    "over 128 px, and 64 training images per class there")
     p.add_argument("--work_dir", default=os.path.join(HERE, "bench_out"))
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 dense peak in TFLOP/s "
+                   "(e.g. 989 for an H100 SXM), to report the fraction of it that training reaches")
     p.add_argument("--measure", help=argparse.SUPPRESS)   # internal: one measurement in this process
     p.add_argument("--img_size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
@@ -304,6 +319,19 @@ def measure_config(args, size, batch, cpu):
     return r
 
 
+def throughput_figures(c, peak_tflops):
+    """img/s x GFLOP per image as TFLOP/s (and as a fraction of peak_tflops), and the paper's full grid
+    in hours at train.py's measured rate (meaningful at 224 px, the paper's size)."""
+    gflop = GFLOP_PER_TRAIN_IMAGE_224 * (c["img_size"] / 224) ** 2
+    out = {"paper_grid_hours_at_train_rate": paper_grid_images() / c["train"]["img_per_s"] / 3600}
+    for m in ("compute", "train"):
+        rate = c["train"]["compute_img_per_s"] if m == "compute" else c["train"]["img_per_s"]
+        out[f"{m}_tflops"] = rate * gflop / 1000
+        if peak_tflops:
+            out[f"{m}_fraction_of_peak"] = out[f"{m}_tflops"] / peak_tflops
+    return out
+
+
 def _round(d):
     return {k: round(v, 3) if isinstance(v, float) else _round(v) if isinstance(v, dict) else v for k, v in d.items()}
 
@@ -344,7 +372,8 @@ def main():
                    "train_vs_naive": c["train_vs_naive"], "contrastive_overhead": c["contrastive_overhead"],
                    "data_wait_fraction": c["train"]["data_wait_fraction"], "cache_MiB": c["train"]["cache_MiB"],
                    "peak_rss_MiB": {m: c[m]["peak_rss_MiB"] for m in ("compute", "train", "naive")},
-                   "peak_cuda_MiB": {m: c[m].get("peak_cuda_MiB") for m in ("compute", "train", "naive")}})
+                   "peak_cuda_MiB": {m: c[m].get("peak_cuda_MiB") for m in ("compute", "train", "naive")},
+                   **throughput_figures(c, args.peak_tflops)})
                    for c in configs],
                "eval": [_round(e) for e in evals]}
     print(json.dumps(summary))

@@ -159,7 +159,7 @@ def prepare_resume(run_dir):
     return run_dir, cfg, state
 
 
-def build_train_data(cfg, run_dir, device):
+def build_train_data(cfg, run_dir):
     """Subsample, check (and cache) the images once; record counts and broken files in cfg."""
     a = cfg["args"]
     images = data.find_class_images(a["train_data_root"], a["classes"])
@@ -300,7 +300,7 @@ def main(argv=None):
     device = resolve_device(a["device"])
     log = os.path.join(run_dir, "train.log")
     try:
-        dataset, labels = build_train_data(cfg, run_dir, device)
+        dataset, labels = build_train_data(cfg, run_dir)
     except UserError:
         if not state and not os.listdir(run_dir):
             os.rmdir(run_dir)  # nothing was written: give the number back
