@@ -127,18 +127,27 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
 
 # ---------------------------------------------------------------- interruptions and concurrency
 
-def test_sigterm_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
-    train_root = make_image_folder(tmp_path / "imgs", {"water-deer": 300, "roe-deer": 300}, size=(32, 32))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(train.py arguments, last.pth weights) of a 2-epoch run that nothing interrupts."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    train_root = make_image_folder(tmp / "imgs", {"water-deer": 300, "roe-deer": 300}, size=(32, 32))
     args = ["--classes", "water-deer", "roe-deer", "--ratio", "1:1", "--num_epochs", "2", "--img_size", "32",
             "--weights", "none", "--batch_size", "16", "--seed", "11", "--train_data_root", train_root]
-    assert cli("train.py", *args, "--save_root", str(tmp_path / "a")).returncode == 0
+    assert cli("train.py", *args, "--save_root", str(tmp / "a")).returncode == 0
+    return args, torch.load(tmp / "a" / "baseline" / "1_1" / "run_1" / "last.pth", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])   # kill, and Ctrl-C
+def test_a_signal_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, sig, uninterrupted):
+    args, a = uninterrupted
     proc = subprocess.Popen([sys.executable, "train.py", *args, "--save_root", str(tmp_path / "b")], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "b" / "baseline" / "1_1" / "run_1"
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "train.log").exists():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)                     # during epoch 2
+    proc.send_signal(sig)                                # during epoch 2
     assert proc.wait(timeout=60) == 130
     log = (run / "train.log").read_text()
     assert "Interrupted during epoch 2" in log and f"--resume {run}" in log and "Epoch 2/2" not in log
@@ -146,7 +155,6 @@ def test_sigterm_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run
     assert not (run / "summary.json").exists()
     out = cli("train.py", "--resume", str(run))
     assert out.returncode == 0, out.stderr
-    a = torch.load(tmp_path / "a" / "baseline" / "1_1" / "run_1" / "last.pth", weights_only=True)["model"]
     b = torch.load(run / "last.pth", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "Resumed from last.pth at epoch 1" in (run / "train.log").read_text()
