@@ -300,6 +300,8 @@ def main(argv=None):
     device = resolve_device(a["device"])
     log = os.path.join(run_dir, "train.log")
     try:
+        torch.manual_seed(cfg["seed"])
+        model = build_model(len(a["classes"]), "none" if state else a["weights"]).to(device)
         dataset, labels = build_train_data(cfg, run_dir)
     except UserError:
         if not state and not os.listdir(run_dir):
@@ -312,8 +314,6 @@ def main(argv=None):
     print(f"{run_dir}: {cfg['variant']} ratio {':'.join(f'{r:g}' for r in cfg['ratio'])}, images {counts}, "
           f"seed {cfg['seed']}, device {device}, cache {cfg['cache_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
 
-    torch.manual_seed(cfg["seed"])
-    model = build_model(len(a["classes"]), "none" if state else a["weights"]).to(device)
     if device.type == "cuda" and a["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(a["optimizer"], model.parameters(), a["lr"])

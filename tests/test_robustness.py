@@ -232,3 +232,18 @@ def test_a_checkpoint_carrying_a_pickled_callable_is_refused_without_running_it(
 def test_requirements_keep_a_torch_with_the_weights_only_fixes():
     reqs = open(os.path.join(ROOT, "requirements.txt")).read().split()
     assert "torch>=2.10" in reqs
+
+
+def test_offline_imagenet_weights_leave_no_run_folder(image_data, tmp_path, monkeypatch):
+    import urllib.error
+    import torchvision
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, "get_state_dict", offline)
+    args = [a for a in train_args(image_data["train"], tmp_path) if a != "none"]
+    args[args.index("--weights"):args.index("--weights") + 1] = ["--weights", "imagenet"]
+    import train
+    with pytest.raises(UserError, match="--weights none"):
+        train.main(args)
+    assert os.listdir(tmp_path / "baseline" / "1_0.1") == []
