@@ -105,19 +105,36 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def model_and_optimizer(device):
+    """train.py's model and optimizer at its defaults (channels_last on CUDA), for the reference loops."""
+    import torch
+    from model import build_model
+    from train import make_optimizer
+    torch.manual_seed(0)
+    model = build_model(2, "none").to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, make_optimizer("adam", model.parameters(), 1e-3)
+
+
+def reference_transform(img_size, augment):
+    """The naive pipeline's torchvision transforms on PIL images: Resize, [RandAugment, ColorJitter],
+    ToTensor, Normalize, with train.py's parameters."""
+    from torchvision import transforms as T
+    from data import COLOR_JITTER, IMAGENET_MEAN, IMAGENET_STD
+    aug = [T.RandAugment(), T.ColorJitter(**COLOR_JITTER)] if augment else []
+    return T.Compose([T.Resize((img_size, img_size)), *aug, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def compute_stepper(args, device):
     """-> step(contrastive): one train step of the same model, optimizer and loss on one ready batch
     already on the device (no loader, no decoding): the model's compute-only limit."""
     import torch
-    from model import build_model, compute_loss
-    from train import Tapped, make_optimizer
+    from model import compute_loss
+    from train import Tapped
     cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    model = build_model(2, "none").to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    model, opt = model_and_optimizer(device)
     nets = {False: Tapped(model, ()), True: Tapped(model, ("layer3", "layer4"))}
-    opt = make_optimizer("adam", model.parameters(), 1e-3)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if cuda else x
     y = torch.arange(args.batch_size, device=device) % 2
@@ -193,22 +210,13 @@ def measure_naive(args):
     """The reference loop most repositories use: ImageFolder + PIL transforms + a default DataLoader."""
     import torch
     import torchvision
-    from torchvision import transforms as T
-    from model import build_model
-    from train import make_optimizer
     device = _device(args.device)
     cuda = device.type == "cuda"
     workers = args.num_workers if args.num_workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
-    tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.RandAugment(),
-                    T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2), T.ToTensor(),
-                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    ds = torchvision.datasets.ImageFolder(os.path.join(args.work_dir, "train"), transform=tf)
+    ds = torchvision.datasets.ImageFolder(os.path.join(args.work_dir, "train"),
+                                          transform=reference_transform(args.img_size, augment=True))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=workers)
-    torch.manual_seed(0)
-    model = build_model(2, "none").to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer("adam", model.parameters(), 1e-3)
+    model, opt = model_and_optimizer(device)
     warmup, steps, done, t0 = 2, args.steps, 0, None
     while done < warmup + steps:
         for x, y in loader:
@@ -234,7 +242,6 @@ def measure_eval(args):
     """validation.py over N copies of one run vs the same N runs evaluated one by one, decoding afresh."""
     import torch
     import torchvision
-    from torchvision import transforms as T
     import train
     import validation
     from model import build_model
@@ -255,8 +262,7 @@ def measure_eval(args):
 
     t0 = time.perf_counter()
     workers = min(8, os.cpu_count() or 1)
-    tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.ToTensor(),
-                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = reference_transform(args.img_size, augment=False)
     correct = []
     for k in range(1, args.eval_runs + 1):
         model = build_model(2, "none")

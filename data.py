@@ -23,6 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (about 9459 x 9459); larger headers are refused
 AUGMENTS = ("paper", "plain")
+COLOR_JITTER = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2}  # the paper gives no values
 
 
 class BadImage(Exception):
@@ -182,7 +183,7 @@ def decode_all(paths, size, num_workers=0, keep=True, progress=None):
 def build_augment(name):
     """uint8 (3, H, W) -> uint8 (3, H, W). 'paper': RandAugment then ColorJitter, drawn per image."""
     if name == "paper":
-        return v2.Compose([v2.RandAugment(), v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)])
+        return v2.Compose([v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)])
     if name == "plain":
         return None
     raise UserError(f"--augment {name!r} is not valid; choose one of: {', '.join(AUGMENTS)}")

@@ -372,7 +372,7 @@ def save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg):
                  "param_groups": copy.deepcopy(sd["param_groups"])}
     jobs.append((os.path.join(run_dir, "last.pth"),
                  {"model": weights, "optimizer": opt_state, "epoch": epoch, "train_acc": m["train_acc"],
-                  "best_epoch": best[0], "best_train_acc": best[1], "rng": rng, "config": copy.deepcopy(cfg)}))
+                  "best_epoch": best[0], "best_train_acc": best[1], "rng": rng, "config": cfg}))
     saver.save(jobs)
     return best
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_train, train_args
+from conftest import run_train
 from utils import parse_train_log
 
 RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "best.pth", "last.pth", "summary.json"}
