@@ -238,8 +238,15 @@ def measure_naive(args):
     return {"img_per_s": seen / (time.perf_counter() - t0)}
 
 
+def _correct_per_run(root):
+    with open(os.path.join(root, "results.json")) as f:
+        runs = json.load(f)["variants"]["baseline"]["1_1"]["runs"]
+    return [sum(r["metrics"]["confusion_matrix"][k][k] for k in range(len(CLASSES))) for r in runs]
+
+
 def measure_eval(args):
-    """validation.py over N copies of one run vs the same N runs evaluated one by one, decoding afresh."""
+    """validation.py over N copies of one run, at its default precision and at --precision fp32, vs the
+    same N runs evaluated one by one in float32, decoding afresh; also whether they agree."""
     import torch
     import torchvision
     import train
@@ -256,14 +263,19 @@ def measure_eval(args):
     for k in range(1, args.eval_runs + 1):
         shutil.copytree(run, os.path.join(variant, "1_1", f"run_{k}"))
     test = os.path.join(args.work_dir, "test")
-    t0 = time.perf_counter()
-    validation.main(["--model_root", variant, "--test_data_root", test, "--device", args.device])
-    ours = time.perf_counter() - t0
+    ours, correct = {}, {}
+    for precision in ("auto", "fp32"):
+        t0 = time.perf_counter()
+        validation.main(["--model_root", variant, "--test_data_root", test, "--device", args.device,
+                         "--precision", precision])
+        ours[precision] = time.perf_counter() - t0
+        correct[precision] = _correct_per_run(variant)
+    resolved = validation.resolve_precision("auto", device)
 
     t0 = time.perf_counter()
     workers = min(8, os.cpu_count() or 1)
     tf = reference_transform(args.img_size, augment=False)
-    correct = []
+    naive_correct = []
     for k in range(1, args.eval_runs + 1):
         model = build_model(2, "none")
         model.load_state_dict(torch.load(os.path.join(variant, "1_1", f"run_{k}", "best.pth"),
@@ -275,9 +287,13 @@ def measure_eval(args):
         with torch.inference_mode():
             for x, y in loader:
                 n += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-        correct.append(n)
+        naive_correct.append(n)
     naive = time.perf_counter() - t0
-    return {"validation_s": ours, "one_by_one_s": naive, "eval_speedup": naive / ours, "runs": args.eval_runs}
+    return {"validation_s": ours["auto"], "validation_precision": resolved, "validation_fp32_s": ours["fp32"],
+            "one_by_one_s": naive, "eval_speedup": naive / ours["auto"], "eval_speedup_fp32": naive / ours["fp32"],
+            "fp32_same_correct_as_one_by_one": correct["fp32"] == naive_correct,
+            "default_correct_minus_one_by_one": [a - b for a, b in zip(correct["auto"], naive_correct)],
+            "runs": args.eval_runs, "test_images": sum(1 for c in CLASSES for _ in os.scandir(os.path.join(test, c)))}
 
 
 def run_measure(args):
@@ -363,8 +379,11 @@ def main():
         e = child(args, "eval", size, 64, args.steps)
         e["img_size"] = size
         evals.append(e)
-        print(f"evaluation of {e['runs']} runs at {size} px: validation.py {e['validation_s']:.1f}s, one by one "
-              f"{e['one_by_one_s']:.1f}s, speedup {e['eval_speedup']:.2f}x", flush=True)
+        print(f"evaluation of {e['runs']} runs at {size} px: validation.py {e['validation_s']:.1f}s "
+              f"({e['validation_precision']}), {e['validation_fp32_s']:.1f}s (--precision fp32); one by one "
+              f"(fp32) {e['one_by_one_s']:.1f}s; speedup {e['eval_speedup']:.2f}x ({e['eval_speedup_fp32']:.2f}x "
+              f"in fp32); fp32 predictions equal one by one: {e['fp32_same_correct_as_one_by_one']}; "
+              f"correct per run, default minus one by one: {e['default_correct_minus_one_by_one']}", flush=True)
     first = configs[0]
     summary = {"device": name, "img_size": args.img_sizes,
                "train_vs_naive": round(first["train_vs_naive"], 3),

@@ -42,6 +42,8 @@ def get_args_parser():
     p.add_argument("--dry_run", action="store_true", help="print the plan, one train.py command per line")
     p.add_argument("--task_id", type=int, default=None, help="run only cell I (0-based) of the full grid")
     p.add_argument("--eval_only", action="store_true", help="skip training; run validation.py and report.py")
+    p.add_argument("--eval_precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="validation.py --precision (auto: bf16 where the device runs it natively)")
     p.add_argument("--paper", choices=["coarse", "fine"], default=None, help="show the paper's Table 1 beside ours")
     return p
 
@@ -181,7 +183,8 @@ def main(argv=None):
     if args.task_id is None and args.test_data_root:
         import report
         import validation
-        val = ["--model_root", args.save_root, "--test_data_root", args.test_data_root, "--classes", *args.classes]
+        val = ["--model_root", args.save_root, "--test_data_root", args.test_data_root, "--classes", *args.classes,
+               "--precision", args.eval_precision]
         try:
             validation.main(val)
         except SystemExit as e:

@@ -92,6 +92,15 @@ def resolve_device(name):
                         "cpu" if name == "auto" else name)
 
 
+def native_bf16(device):
+    """True where bf16 matmuls run in hardware: a CUDA card with bf16, or a CPU with AMX or AVX512-BF16
+    (elsewhere bf16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
 def check_args(args):
     """Validate the options that argparse cannot; UserError names the flag and the valid values."""
     for flag in ("train_data_root", "classes", "ratio"):

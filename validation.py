@@ -19,7 +19,7 @@ import torch
 
 import data
 from model import build_model, confusion_matrix, metrics_from_confusion
-from train import resolve_device
+from train import native_bf16, resolve_device
 from utils import (RUN_DIR_RE, UserError, best_epoch, is_complete, load_checkpoint, parse_train_log,
                    run_main, run_number, write_json_atomic, write_text_atomic)
 
@@ -32,6 +32,9 @@ def get_args_parser():
     p.add_argument("--batch_size", type=int, default=256, help="evaluation batch size (256)")
     p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: min(8, CPUs))")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast where the device runs bf16 natively (CUDA, CPUs with AMX or "
+                        "AVX512-BF16), else fp32; fp32 gives exact float32 predictions")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any run was skipped")
     return p
 
@@ -148,11 +151,16 @@ class Models:
         return self.by_k[num_classes]
 
 
-def evaluate_run(cfg, ckpt, tests, models, batch_size):
+def resolve_precision(choice, device):
+    return choice if choice != "auto" else "bf16" if native_bf16(device) else "fp32"
+
+
+def evaluate_run(cfg, ckpt, tests, models, batch_size, precision):
     classes = cfg["classes"]
     model = models.load(len(classes), ckpt["model"])
     images, labels = tests.get(cfg["args"]["img_size"], classes)
-    cm = confusion_matrix(model, images, labels, len(classes), models.device, batch_size, channels_last=True)
+    cm = confusion_matrix(model, images, labels, len(classes), models.device, batch_size, channels_last=True,
+                          amp=precision == "bf16")
     return metrics_from_confusion(cm, classes)
 
 
@@ -190,7 +198,7 @@ def evaluate_variant(variant_dir, args, tests, models):
             skipped.append({"run_dir": run_dir, "reason": str(e)})
             print(f"skipped {run_dir}: {e}", file=sys.stderr)
             continue
-        metrics = evaluate_run(cfg, ckpt, tests, models, args.batch_size)
+        metrics = evaluate_run(cfg, ckpt, tests, models, args.batch_size, args.precision)
         entry = ratios.setdefault(ratio_name, {"ratio": cfg["ratio"], "classes": cfg["classes"], "runs": []})
         entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": acc,
                               "img_size": cfg["args"]["img_size"], "metrics": metrics})
@@ -203,6 +211,9 @@ def evaluate_variant(variant_dir, args, tests, models):
 
 
 # ---------------------------------------------------------------- output
+
+PRECISION_TEXT = {"bf16": "bf16 autocast (--precision fp32 for exact float32 predictions)", "fp32": "float32"}
+
 
 def _fmt(mean, std):
     return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
@@ -223,8 +234,9 @@ def format_table(variants):
 def write_outputs(folder, variants, skipped, args):
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     result = {"created": stamp, "model_root": os.path.abspath(folder),
-              "test_data_root": os.path.abspath(args.test_data_root), "variants": variants, "skipped": skipped}
+              "test_data_root": os.path.abspath(args.test_data_root), "precision": args.precision, "variants": variants, "skipped": skipped}
     text = [f"# validation.py, {stamp}", f"# test data: {os.path.abspath(args.test_data_root)}",
+            f"# precision: {PRECISION_TEXT[args.precision]}",
             "# per ratio: mean ± sample std over runs of each run's best-Train-Acc checkpoint", format_table(variants)]
     text += [f"skipped {s['run_dir']}: {s['reason']}" for s in skipped]
     write_json_atomic(os.path.join(folder, "results.json"), result)
@@ -234,6 +246,7 @@ def write_outputs(folder, variants, skipped, args):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = resolve_device(args.device)
+    args.precision = resolve_precision(args.precision, device)
     variant_dirs = find_variant_dirs(args.model_root)
     if not os.path.isdir(args.test_data_root):
         raise UserError(f"--test_data_root {args.test_data_root} does not exist or is not a folder")

@@ -52,9 +52,12 @@ def test_a_real_grid_trains_once_then_skips(image_data, tmp_path, capsys):
     for v in ("baseline", "proposed"):
         assert os.path.isfile(tmp_path / v / "1_0.1" / "run_1" / "summary.json")
         assert os.path.isfile(tmp_path / v / "results.json")
+    assert json.load(open(tmp_path / "results.json"))["precision"] in ("fp32", "bf16")   # auto, resolved
     for name in ("table1.md", "table1.csv", "figure3.png"):
         assert os.path.getsize(tmp_path / name) > 0
     assert plan_lines(capsys, argv) == []
+    reproduce.main(argv + ["--eval_only", "--eval_precision", "fp32"])
+    assert json.load(open(tmp_path / "results.json"))["precision"] == "fp32"
 
 
 def test_task_id_selects_one_cell_and_bad_flags_are_refused(capsys, tmp_path):

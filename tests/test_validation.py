@@ -13,6 +13,7 @@ from torchvision import transforms
 
 import validation
 from conftest import ROOT
+from model import confusion_matrix
 from utils import UserError, best_epoch, parse_train_log
 
 
@@ -58,7 +59,7 @@ def test_end_to_end_results_equal_a_direct_computation(four_variants, image_data
     shutil.copytree(save, root)
     classes = ["water-deer", "roe-deer"]
     out = subprocess.run([sys.executable, "validation.py", "--model_root", str(root / "baseline"),
-                          "--test_data_root", image_data["valid"], "--classes", *classes],
+                          "--test_data_root", image_data["valid"], "--classes", *classes, "--precision", "fp32"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     res = json.load(open(root / "baseline" / "results.json"))
@@ -78,6 +79,33 @@ def test_end_to_end_results_equal_a_direct_computation(four_variants, image_data
     assert set(combined["variants"]) == {"baseline", "contrastive", "oversampling", "proposed"}
     for v in combined["variants"]:
         assert (root / v / "result_log.txt").exists()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_follows_the_hardware_and_is_recorded(four_variants, image_data, tmp_path, monkeypatch,
+                                                             native):
+    save, _ = four_variants
+    variant = tmp_path / "baseline"
+    shutil.copytree(save / "baseline", variant)
+    monkeypatch.setattr(validation, "native_bf16", lambda device: native)
+    seen = []
+    real = validation.confusion_matrix
+    monkeypatch.setattr(validation, "confusion_matrix", lambda *a, **k: seen.append(k["amp"]) or real(*a, **k))
+    validation.main(["--model_root", str(variant), "--test_data_root", image_data["valid"]])
+    assert seen == [native]
+    assert json.load(open(variant / "results.json"))["precision"] == ("bf16" if native else "fp32")
+    assert ("# precision: bf16 autocast" if native else "# precision: float32") in open(variant / "result_log.txt").read()
+
+
+def test_bf16_evaluation_runs_the_model_in_bf16():
+    model = torchvision.models.resnet18(num_classes=2)
+    dtypes = []
+    model.fc.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    images, labels = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8), [0, 1, 0, 1, 1]
+    for amp in (False, True):
+        cm = confusion_matrix(model, images, labels, 2, torch.device("cpu"), batch_size=4, amp=amp)
+        assert cm.sum() == 5 and cm.sum(1).tolist() == [2, 3]
+    assert dtypes == [torch.float32] * 2 + [torch.bfloat16] * 2
 
 
 def test_class_mismatch_is_a_clear_error_naming_both_sides(four_variants, image_data, tmp_path):
