@@ -181,16 +181,64 @@ def decode_all(paths, size, num_workers=0, keep=True, progress=None):
 # ---------------------------------------------------------------- training data
 
 def build_augment(name):
-    """uint8 (3, H, W) -> uint8 (3, H, W). 'paper': RandAugment then ColorJitter, drawn per image."""
+    """'paper': PaperAugment (RandAugment then ColorJitter, drawn per image); 'plain': None."""
     if name == "paper":
-        return v2.Compose([v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)])
+        return PaperAugment()
     if name == "plain":
         return None
     raise UserError(f"--augment {name!r} is not valid; choose one of: {', '.join(AUGMENTS)}")
 
 
+def _grayscale(x):
+    """(n, 3, H, W) uint8 -> (n, 1, H, W) float32 luma, floored: torchvision's weights and rounding."""
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
+
+
+def _blend(x, other, ratio):
+    """ratio * x + (1 - ratio) * other, clamped to uint8, one ratio (n, 1, 1, 1) per image."""
+    return torch.addcmul(x.mul(ratio), other, 1 - ratio).clamp_(0, 255).to(torch.uint8)
+
+
+class PaperAugment:
+    """RandAugment then ColorJitter on uint8 (3, S, S) images, each drawn per image with exactly the
+    random draws, in the same order, of v2.Compose([v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)])
+    and giving the same pixels (tests check both). Called on a list of images (a batch), the
+    ColorJitter arithmetic runs once per group of images that drew the same order of its three
+    operations (at most 6 groups) instead of once per image."""
+
+    def __init__(self):
+        self.randaugment, self.jitter = v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)
+
+    def __call__(self, images):
+        if torch.is_tensor(images):
+            return self([images])[0]
+        out, orders, factors = [], [], []
+        for x in images:
+            out.append(self.randaugment(x))
+            p = self.jitter.make_params([out[-1]])
+            orders.append(tuple(int(i) for i in p["fn_idx"] if i < 3))   # 0 brightness, 1 contrast, 2 saturation
+            factors.append((p["brightness_factor"], p["contrast_factor"], p["saturation_factor"]))
+        factors = torch.tensor(factors, dtype=torch.float32)   # drawn in float32: exact
+        for order in set(orders):
+            idx = [i for i, o in enumerate(orders) if o == order]
+            x = torch.stack([out[i] for i in idx])
+            for op in order:
+                r = factors[idx, op].view(-1, 1, 1, 1)
+                if op == 0:
+                    x = x.mul(r).clamp_(0, 255).to(torch.uint8)
+                elif op == 1:
+                    x = _blend(x, _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), r)
+                else:
+                    x = _blend(x, _grayscale(x), r)
+            for i, xi in zip(idx, x):
+                out[i] = xi
+        return out
+
+
 class ImageSet(Dataset):
-    """(uint8 image (3, S, S), label) pairs from the cache (images) or decoded per visit (paths)."""
+    """(uint8 image (3, S, S), label) pairs from the cache (images) or decoded per visit (paths). The
+    DataLoader fetches a batch through __getitems__, so that the augmentation sees the batch."""
 
     def __init__(self, labels, size, images=None, paths=None, transform=None):
         assert images is not None or paths is not None
@@ -199,14 +247,21 @@ class ImageSet(Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
+    def _image(self, i):
         if self.images is not None:
-            x = self.images[i]
-        else:
-            x = torch.from_numpy(load_image(self.paths[i], self.size)).permute(2, 0, 1)
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, self.labels[i]
+            return self.images[i]
+        return torch.from_numpy(load_image(self.paths[i], self.size)).permute(2, 0, 1)
+
+    def __getitems__(self, indices):
+        xs = [self._image(i) for i in indices]
+        if isinstance(self.transform, PaperAugment):
+            xs = self.transform(xs)
+        elif self.transform is not None:
+            xs = [self.transform(x) for x in xs]
+        return [(x, self.labels[i]) for x, i in zip(xs, indices)]
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
 
 
 def make_sampler(labels, num_classes, oversampling, generator):

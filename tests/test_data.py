@@ -76,6 +76,26 @@ def test_paper_augmentation_draws_per_image_and_plain_leaves_pixels():
         data.build_augment("fancy")
 
 
+def test_paper_augmentation_of_a_batch_equals_torchvision_per_image():
+    """Same draws in the same order and the same pixels as v2.Compose([RandAugment, ColorJitter])
+    image by image, though the ColorJitter arithmetic runs on groups of the batch."""
+    from torchvision.transforms import v2
+    gen = torch.Generator().manual_seed(1)
+    flat = torch.randint(0, 256, (48, 3, 1, 1), generator=gen) * torch.rand(48, 1, 40, 40, generator=gen)
+    images = list(torch.cat([flat.round().to(torch.uint8),
+                             torch.randint(0, 256, (48, 3, 40, 40), dtype=torch.uint8, generator=gen)]))
+    reference = v2.Compose([v2.RandAugment(), v2.ColorJitter(**data.COLOR_JITTER)])
+    torch.manual_seed(0)
+    expected = [reference(x) for x in images]
+    after_reference = torch.rand(1)
+    torch.manual_seed(0)
+    ours = data.build_augment("paper")(images)
+    assert torch.equal(torch.rand(1), after_reference)          # the same number of draws
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+    torch.manual_seed(0)
+    assert torch.equal(data.build_augment("paper")(images[0]), expected[0])   # one image alone, too
+
+
 def test_cached_pixels_equal_torchvision_resize_on_pil(tmp_path):
     """The cache holds exactly what ImageFolder + transforms.Resize((S, S)) would give."""
     import numpy as np
