@@ -8,8 +8,9 @@ one configuration):
   compute    the model's compute-only limit: train steps of the same model, optimizer and loss on one
              ready tensor batch already on the device (no loader), alternating rounds without and
              with --contrastive (taps + feature-similarity loss): contrastive_overhead
-  train      train.py itself (in-process main()), 4 epochs; steady state = the median img/s of epochs
-             2-4, against the compute-only limit measured in the same process just before and after
+  train      train.py itself (in-process main()), 6 epochs, with the compute-only limit timed in the
+             same process before the first epoch and after each one; each epoch's img/s is divided by
+             the mean of the limits around it: train_vs_compute_limit = the median over epochs 2-6
   naive      a naive loop: torchvision ImageFolder + PIL + the same transforms + a default DataLoader
              + the same model and optimizer
 and once: validation.py over 8 runs vs evaluating the same 8 runs one by one with fresh decoding.
@@ -176,34 +177,43 @@ def measure_compute(args, rounds=5):
             "contrastive_overhead": float(np.median([c / p for c, p in zip(contr, plain)]))}
 
 
-def measure_train(args):
-    """train.py's main() on the JPEG folder: four epochs; the first is the warm-up."""
+def measure_train(args, epochs=6):
+    """train.py's main() on the JPEG folder, with the compute-only limit timed in this same process
+    before the first epoch and after every epoch (train.py's epoch_done hook, before the checkpoint
+    is handed over): each epoch is compared with the mean of the limits just before and after it,
+    so that a slow or fast spell of the machine hits both sides. Epoch 1 is the warm-up; figures are
+    medians over the others."""
     import train
     save = os.path.join(args.work_dir, f"train_runs_{args.img_size}_{args.batch_size}")
     shutil.rmtree(save, ignore_errors=True)
     argv = ["--train_data_root", os.path.join(args.work_dir, "train"), "--classes", *CLASSES, "--ratio", "1:1",
-            "--save_root", save, "--num_epochs", "4", "--img_size", str(args.img_size), "--weights", "none",
-            "--batch_size", str(args.batch_size), "--device", args.device, "--seed", "0",
+            "--save_root", save, "--num_epochs", str(epochs), "--img_size", str(args.img_size), "--weights",
+            "none", "--batch_size", str(args.batch_size), "--device", args.device, "--seed", "0",
             "--max_per_class", str(args.train_cap)]
     if args.num_workers is not None:
         argv += ["--num_workers", str(args.num_workers)]
     device = _device(args.device)
     step = compute_stepper(args, device)
     step(False)
-    limit = [time_steps(step, False, args.steps, device)]   # the compute-only limit, before...
+    n = max(3, args.steps // 4)
+    limit = [time_steps(step, False, n, device)]     # limit[e]: seconds per step after epoch e
+
+    def epoch_done(epoch, metrics):
+        limit.append(time_steps(step, False, n, device))
     t0 = time.perf_counter()
-    run = train.main(argv)
+    run = train.main(argv, epoch_done=epoch_done)
     total = time.perf_counter() - t0
-    limit.append(time_steps(step, False, args.steps, device))  # ...and after, in this same process
     with open(os.path.join(run, "metrics.jsonl")) as f:
-        epochs = [json.loads(l) for l in f]
+        per_epoch = [json.loads(l) for l in f]
     with open(os.path.join(run, "config.json")) as f:
         cfg = json.load(f)
-    steady = epochs[1:]   # epoch 1 holds the warm-up; the figure is the median of the others
-    return {"img_per_s": float(np.median([e["img_per_s"] for e in steady])),
-            "data_wait_fraction": float(np.median([e["data_wait_fraction"] for e in steady])),
-            "cache_MiB": cfg["cache_bytes"] / 2 ** 20, "whole_run_s": total,
-            "compute_img_per_s": args.batch_size / float(np.mean(limit))}
+    steady = range(2, epochs + 1)
+    limit_rate = {e: args.batch_size / ((limit[e - 1] + limit[e]) / 2) for e in steady}
+    return {"img_per_s": float(np.median([per_epoch[e - 1]["img_per_s"] for e in steady])),
+            "compute_img_per_s": float(np.median(list(limit_rate.values()))),
+            "vs_compute_limit": float(np.median([per_epoch[e - 1]["img_per_s"] / limit_rate[e] for e in steady])),
+            "data_wait_fraction": float(np.median([per_epoch[e - 1]["data_wait_fraction"] for e in steady])),
+            "cache_MiB": cfg["cache_bytes"] / 2 ** 20, "whole_run_s": total}
 
 
 def measure_naive(args):
@@ -331,7 +341,7 @@ def measure_config(args, size, batch, cpu):
         r[m] = child(args, m, size, b, steps, cap)
         print(f"{size} px, batch {b}, {m:<7}: {r[m]['img_per_s']:8.1f} img/s, peak RSS {r[m]['peak_rss_MiB']:.0f} MiB"
               + (f", CUDA {r[m]['peak_cuda_MiB']:.0f} MiB" if "peak_cuda_MiB" in r[m] else ""), flush=True)
-    r["train_vs_compute_limit"] = r["train"]["img_per_s"] / r["train"]["compute_img_per_s"]
+    r["train_vs_compute_limit"] = r["train"]["vs_compute_limit"]
     r["train_vs_naive"] = r["train"]["img_per_s"] / r["naive"]["img_per_s"]
     r["contrastive_overhead"] = r["compute"]["contrastive_overhead"]
     print(f"{size} px, batch {b}: train {r['train']['img_per_s']:.1f} img/s vs compute limit "

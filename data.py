@@ -200,29 +200,57 @@ def _blend(x, other, ratio):
     return torch.addcmul(x.mul(ratio), other, 1 - ratio).clamp_(0, 255).to(torch.uint8)
 
 
+def _grouped(images, keys, fn):
+    """fn(batch, key, indices) once per distinct key, on the stacked images that hold it -> new list."""
+    out = list(images)
+    for key in set(keys):
+        idx = [i for i, k in enumerate(keys) if k == key]
+        for i, y in zip(idx, fn(torch.stack([out[i] for i in idx]), key, idx)):
+            out[i] = y
+    return out
+
+
 class PaperAugment:
-    """RandAugment then ColorJitter on uint8 (3, S, S) images, each drawn per image with exactly the
-    random draws, in the same order, of v2.Compose([v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)])
-    and giving the same pixels (tests check both). Called on a list of images (a batch), the
-    ColorJitter arithmetic runs once per group of images that drew the same order of its three
-    operations (at most 6 groups) instead of once per image."""
+    """RandAugment then ColorJitter on uint8 (3, S, S) images, drawn per image: the same random draws,
+    in the same order, as v2.Compose([v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)]) image after
+    image, and the same pixels (tests check both). Called on a list of images (a batch), it first makes
+    every image's draws, then runs each operation once per group of images that drew the same one
+    (RandAugment: the same operation and signed magnitude, of which there are at most 26; ColorJitter:
+    the same order of its three operations, at most 6) instead of once per image."""
 
     def __init__(self):
         self.randaugment, self.jitter = v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)
 
+    def _draw(self, x):
+        """-> ([(operation, magnitude)] of RandAugment, ColorJitter's order, its 3 factors), drawn as
+        RandAugment.forward and ColorJitter.make_params draw them."""
+        ra, ops = self.randaugment, []
+        for _ in range(ra.num_ops):
+            name, (magnitudes_fn, signed) = ra._get_random_item(ra._AUGMENTATION_SPACE)
+            magnitudes = magnitudes_fn(ra.num_magnitude_bins, x.shape[-2], x.shape[-1])
+            magnitude = 0.0
+            if magnitudes is not None:
+                magnitude = float(magnitudes[ra.magnitude])
+                if signed and torch.rand(()) <= 0.5:
+                    magnitude *= -1
+            ops.append((name, magnitude))
+        p = self.jitter.make_params([x])
+        order = tuple(int(i) for i in p["fn_idx"] if i < 3)   # 0 brightness, 1 contrast, 2 saturation
+        return ops, order, (p["brightness_factor"], p["contrast_factor"], p["saturation_factor"])
+
+    def _randaugment_op(self, x, op, idx):
+        ra = self.randaugment
+        return ra._apply_image_or_video_transform(x, op[0], op[1], interpolation=ra.interpolation, fill=ra._fill)
+
     def __call__(self, images):
         if torch.is_tensor(images):
             return self([images])[0]
-        out, orders, factors = [], [], []
-        for x in images:
-            out.append(self.randaugment(x))
-            p = self.jitter.make_params([out[-1]])
-            orders.append(tuple(int(i) for i in p["fn_idx"] if i < 3))   # 0 brightness, 1 contrast, 2 saturation
-            factors.append((p["brightness_factor"], p["contrast_factor"], p["saturation_factor"]))
-        factors = torch.tensor(factors, dtype=torch.float32)   # drawn in float32: exact
-        for order in set(orders):
-            idx = [i for i, o in enumerate(orders) if o == order]
-            x = torch.stack([out[i] for i in idx])
+        drawn = [self._draw(x) for x in images]
+        for k in range(self.randaugment.num_ops):
+            images = _grouped(images, [d[0][k] for d in drawn], self._randaugment_op)
+        factors = torch.tensor([d[2] for d in drawn], dtype=torch.float32)   # drawn in float32: exact
+
+        def jitter(x, order, idx):
             for op in order:
                 r = factors[idx, op].view(-1, 1, 1, 1)
                 if op == 0:
@@ -231,9 +259,8 @@ class PaperAugment:
                     x = _blend(x, _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), r)
                 else:
                     x = _blend(x, _grayscale(x), r)
-            for i, xi in zip(idx, x):
-                out[i] = xi
-        return out
+            return x
+        return _grouped(images, [d[1] for d in drawn], jitter)
 
 
 class ImageSet(Dataset):

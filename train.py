@@ -302,7 +302,10 @@ def epoch_line(epoch, total, m, classes):
 
 # ---------------------------------------------------------------- main
 
-def main(argv=None):
+def main(argv=None, epoch_done=None):
+    """Train one run -> its folder. epoch_done(epoch, metrics), if given, is called after each epoch,
+    before that epoch's checkpoint is handed to the background writer (bench.py times the model's
+    compute-only limit there, between epochs)."""
     args = get_args_parser().parse_args(argv)
     run_dir, cfg, state = prepare_run(args)
     a = cfg["args"]
@@ -341,6 +344,8 @@ def main(argv=None):
         for epoch in range(start, a["num_epochs"] + 1):
             seed_epoch(cfg["seed"], epoch, generator)
             m = train_one_epoch(net, loader, optimizer, device, cfg, f"epoch {epoch}/{a['num_epochs']}")
+            if epoch_done is not None:
+                epoch_done(epoch, m)
             best = save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg)
             append_line(log, epoch_line(epoch, a["num_epochs"], m, a["classes"]))
             append_line(os.path.join(run_dir, "metrics.jsonl"), json.dumps({"epoch": epoch, **m}))

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from conftest import run_train
+import train
+from conftest import run_train, train_args
 from utils import parse_train_log
 
 RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "best.pth", "last.pth", "summary.json"}
@@ -151,3 +152,15 @@ def test_a_non_finite_loss_stops_the_run_with_a_clear_message(image_data, tmp_pa
         run_train(image_data["train"], tmp_path)
     log = open(os.path.join(tmp_path, "baseline", "1_0.1", "run_1", "train.log")).read()
     assert "Stopped:" in log and "non-finite" in log
+
+
+def test_epoch_done_is_called_after_each_epoch_before_its_checkpoint(image_data, tmp_path):
+    calls = []
+
+    def epoch_done(epoch, metrics):
+        last = tmp_path / "baseline" / "1_0.1" / "run_1" / "last.pth"
+        saved_epoch = torch.load(last, weights_only=True)["epoch"] if last.exists() else None
+        calls.append((epoch, metrics["images"], saved_epoch))
+    train.main(train_args(image_data["train"], str(tmp_path), "--num_epochs", "2"), epoch_done=epoch_done)
+    # the current epoch's checkpoint is never written yet (the previous one may still be in flight)
+    assert [c[:2] for c in calls] == [(1, 44), (2, 44)] and calls[0][2] is None and calls[1][2] in (None, 1)
