@@ -265,7 +265,8 @@ class PaperAugment:
 
 class ImageSet(Dataset):
     """(uint8 image (3, S, S), label) pairs from the cache (images) or decoded per visit (paths). The
-    DataLoader fetches a batch through __getitems__, so that the augmentation sees the batch."""
+    DataLoader fetches a batch through __getitems__, and transform (a PaperAugment or None) gets the
+    batch's images as one list."""
 
     def __init__(self, labels, size, images=None, paths=None, transform=None):
         assert images is not None or paths is not None
@@ -281,10 +282,8 @@ class ImageSet(Dataset):
 
     def __getitems__(self, indices):
         xs = [self._image(i) for i in indices]
-        if isinstance(self.transform, PaperAugment):
+        if self.transform is not None:
             xs = self.transform(xs)
-        elif self.transform is not None:
-            xs = [self.transform(x) for x in xs]
         return [(x, self.labels[i]) for x, i in zip(xs, indices)]
 
     def __getitem__(self, i):
