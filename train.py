@@ -25,7 +25,7 @@ from tqdm import tqdm
 import data
 from model import TAPPABLE, build_model, compute_loss, forward_with_taps
 from utils import (BackgroundSaver, UserError, append_line, claim_run_dir, git_commit, is_complete, load_checkpoint,
-                   parse_ratio, ratio_folder_name, run_main, run_number, variant_name,
+                   parse_ratio, ratio_folder_name, run_main, run_number, signals_deferred, variant_name,
                    write_json_atomic, ACC_DECIMALS)
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
@@ -339,21 +339,23 @@ def main(argv=None, epoch_done=None):
     net = torch.compile(net) if a["compile"] else net
     loader, generator = make_loader(dataset, labels, cfg, device)
 
-    epoch, saver = start, BackgroundSaver()
+    done, saver = start - 1, BackgroundSaver()   # done: the last epoch whose checkpoint and log lines are recorded
     try:
         for epoch in range(start, a["num_epochs"] + 1):
             seed_epoch(cfg["seed"], epoch, generator)
             m = train_one_epoch(net, loader, optimizer, device, cfg, f"epoch {epoch}/{a['num_epochs']}")
             if epoch_done is not None:
                 epoch_done(epoch, m)
-            best = save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg)
-            append_line(log, epoch_line(epoch, a["num_epochs"], m, a["classes"]))
-            append_line(os.path.join(run_dir, "metrics.jsonl"), json.dumps({"epoch": epoch, **m}))
+            with signals_deferred():   # an interrupt here waits until the epoch is fully recorded
+                best = save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg)
+                append_line(log, epoch_line(epoch, a["num_epochs"], m, a["classes"]))
+                append_line(os.path.join(run_dir, "metrics.jsonl"), json.dumps({"epoch": epoch, **m}))
+                done = epoch
             print(epoch_line(epoch, a["num_epochs"], m, a["classes"]), file=sys.stderr)
         saver.wait()
     except (KeyboardInterrupt, Interrupted) as e:
         saver.wait()  # the last finished epoch's checkpoint completes; a half-written one is never renamed in
-        append_line(log, f"Interrupted during epoch {epoch} ({type(e).__name__}); last.pth holds epoch {epoch - 1}; "
+        append_line(log, f"Interrupted during epoch {done + 1} ({type(e).__name__}); last.pth holds epoch {done}; "
                          f"continue with: python3 train.py --resume {run_dir}")
         print(f"interrupted; continue with: python3 train.py --resume {run_dir}", file=sys.stderr)
         sys.exit(130)

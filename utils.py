@@ -3,10 +3,12 @@
 Everything here is plain Python (plus torch for checkpoints); the data pipeline lives in data.py and
 the model and loss in model.py.
 """
+import contextlib
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,6 +103,26 @@ def write_json_atomic(path, obj):
 def save_checkpoint(path, ckpt):
     """torch.save through a temporary file: path always holds a complete checkpoint."""
     _atomic_replace(path, lambda f: torch.save(ckpt, f))
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM arriving inside the block take effect when it ends (re-raised to whatever
+    handler was there before), so that the work inside is done entirely or not at all. Only the main
+    thread can hold signals; elsewhere the block runs unprotected."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    for s in dict.fromkeys(caught):
+        signal.raise_signal(s)
 
 
 class BackgroundSaver:

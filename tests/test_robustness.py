@@ -247,3 +247,34 @@ def test_offline_imagenet_weights_leave_no_run_folder(image_data, tmp_path, monk
     with pytest.raises(UserError, match="--weights none"):
         train.main(args)
     assert os.listdir(tmp_path / "baseline" / "1_0.1") == []
+
+
+def test_a_signal_inside_signals_deferred_takes_effect_at_its_end():
+    before = signal.getsignal(signal.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with utils.signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)                      # a handler would have run by now
+            done.append("the whole block")
+    assert done == ["the whole block"] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_interrupt_while_an_epoch_is_recorded_waits_until_it_is_recorded(image_data, tmp_path, monkeypatch):
+    import train
+    real = train.append_line
+
+    def append_then_interrupt(path, line):
+        real(path, line)
+        if line.startswith("Epoch 1/"):               # between train.log's line and metrics.jsonl's
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    monkeypatch.setattr(train, "append_line", append_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(image_data["train"], str(tmp_path), "--num_epochs", "2"))
+    assert e.value.code == 130
+    run = tmp_path / "baseline" / "1_0.1" / "run_1"
+    log = (run / "train.log").read_text()
+    assert "Epoch 1/2" in log and "Interrupted during epoch 2 (KeyboardInterrupt); last.pth holds epoch 1" in log
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
