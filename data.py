@@ -215,7 +215,7 @@ class PaperAugment:
     in the same order, as v2.Compose([v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)]) image after
     image, and the same pixels (tests check both). Called on a list of images (a batch), it first makes
     every image's draws, then runs each operation once per group of images that drew the same one
-    (RandAugment: the same operation and signed magnitude, of which there are at most 26; ColorJitter:
+    (RandAugment: the same operation and signed magnitude, at most 23 for each of its operations; ColorJitter:
     the same order of its three operations, at most 6) instead of once per image."""
 
     def __init__(self):
