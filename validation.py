@@ -234,7 +234,8 @@ def format_table(variants):
 def write_outputs(folder, variants, skipped, args):
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     result = {"created": stamp, "model_root": os.path.abspath(folder),
-              "test_data_root": os.path.abspath(args.test_data_root), "precision": args.precision, "variants": variants, "skipped": skipped}
+              "test_data_root": os.path.abspath(args.test_data_root), "precision": args.precision,
+              "variants": variants, "skipped": skipped}
     text = [f"# validation.py, {stamp}", f"# test data: {os.path.abspath(args.test_data_root)}",
             f"# precision: {PRECISION_TEXT[args.precision]}",
             "# per ratio: mean ± sample std over runs of each run's best-Train-Acc checkpoint", format_table(variants)]

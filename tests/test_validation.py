@@ -94,7 +94,8 @@ def test_auto_precision_follows_the_hardware_and_is_recorded(four_variants, imag
     validation.main(["--model_root", str(variant), "--test_data_root", image_data["valid"]])
     assert seen == [native]
     assert json.load(open(variant / "results.json"))["precision"] == ("bf16" if native else "fp32")
-    assert ("# precision: bf16 autocast" if native else "# precision: float32") in open(variant / "result_log.txt").read()
+    head = "# precision: bf16 autocast" if native else "# precision: float32"
+    assert head in open(variant / "result_log.txt").read()
 
 
 def test_bf16_evaluation_runs_the_model_in_bf16():
