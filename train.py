@@ -346,12 +346,13 @@ def main(argv=None, epoch_done=None):
             m = train_one_epoch(net, loader, optimizer, device, cfg, f"epoch {epoch}/{a['num_epochs']}")
             if epoch_done is not None:
                 epoch_done(epoch, m)
+            line = epoch_line(epoch, a["num_epochs"], m, a["classes"])
             with signals_deferred():   # an interrupt here waits until the epoch is fully recorded
                 best = save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg)
-                append_line(log, epoch_line(epoch, a["num_epochs"], m, a["classes"]))
+                append_line(log, line)
                 append_line(os.path.join(run_dir, "metrics.jsonl"), json.dumps({"epoch": epoch, **m}))
                 done = epoch
-            print(epoch_line(epoch, a["num_epochs"], m, a["classes"]), file=sys.stderr)
+            print(line, file=sys.stderr)
         saver.wait()
     except (KeyboardInterrupt, Interrupted) as e:
         saver.wait()  # the last finished epoch's checkpoint completes; a half-written one is never renamed in
