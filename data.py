@@ -1,11 +1,12 @@
 """Data: class folders, the ratio subsample, robust image decoding, the uint8 cache, augmentation
-and the oversampling sampler.
+and the epoch's sampling order.
 
 Pixels take one path everywhere: load_image() decodes a file, converts it to RGB and resizes it to
 (img_size, img_size) with PIL's bilinear filter (what torchvision's Resize does on a PIL image), as
 uint8. Training and evaluation both start from those uint8 pixels, kept in memory (the cache) or
 decoded again per visit (--no-cache); normalisation happens on the device, batch by batch.
 """
+import hashlib
 import math
 import os
 import warnings
@@ -13,7 +14,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
@@ -77,7 +78,10 @@ def subsample(images, classes, ratio, max_per_class, seed):
     """Pick the images of each class for the ratio.
 
     The reference class (the first) keeps n_1 = min(its count, max_per_class) images; class k keeps
-    round(ratio_k / ratio_1 * n_1), at least 1. Images are chosen at random, reproducibly from seed.
+    ratio_k / ratio_1 * n_1 rounded half up (floor(x + 0.5): 4.5 -> 5, unlike Python's round), at least 1.
+    Each class's images are one permutation of its sorted file list, seeded by (seed, class name), of
+    which the first n are taken: for one seed, the images chosen at a smaller ratio or cap are a subset
+    of those chosen at a larger one (nested subsets), and a class's choice does not depend on the others.
     Returns (paths, labels, counts, notes): labels follow the order of classes; counts is
     {class: {"available", "requested", "selected"}}; notes are warnings for the user.
     """
@@ -94,12 +98,23 @@ def subsample(images, classes, ratio, max_per_class, seed):
         if available < requested:
             notes.append(f"class {c!r} has {available} image(s) but the ratio asks for {requested}; using all {available}")
         selected = min(requested, available)
-        rng = np.random.default_rng([seed, k])
-        chosen = np.sort(rng.choice(available, size=selected, replace=False))
+        chosen = np.sort(class_permutation(available, seed, c)[:selected])
         paths += [images[c][i] for i in chosen]
         labels += [k] * selected
         counts[c] = {"available": available, "requested": requested, "selected": selected}
     return paths, labels, counts, notes
+
+
+def class_permutation(n, seed, class_name):
+    """A permutation of range(n), a pure function of (seed, class name) on every machine (numpy PCG64)."""
+    name_key = int.from_bytes(hashlib.sha256(class_name.encode("utf-8")).digest()[:8], "big")
+    return np.random.default_rng([seed, name_key]).permutation(n)
+
+
+def subset_id(paths, root):
+    """sha1 of the chosen files' paths relative to root, with '/' separators on every OS."""
+    rel = (os.path.relpath(p, root).replace(os.sep, "/") for p in paths)
+    return hashlib.sha1("\n".join(rel).encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------- decoding
@@ -153,14 +168,22 @@ class _Decode(Dataset):
             return i, None, str(e)
 
 
-def decode_all(paths, size, num_workers=0, keep=True, progress=None):
-    """Decode every path once, in parallel workers.
+def _as_list(items):
+    """collate_fn of the decoding loader: the batch as it is. A module-level function, so that it
+    pickles into workers started with spawn or forkserver (the default on macOS, Windows and, from
+    Python 3.14, Linux)."""
+    return items
+
+
+def decode_all(paths, size, num_workers=0, keep=True, progress=None, mp_context=None):
+    """Decode every path once, in parallel workers (mp_context: a start method name or context for
+    them; None = Python's default).
 
     Returns (images, bad): images is a uint8 tensor (N_good, 3, size, size) in the order of the good
     paths (None when keep=False, i.e. only checking); bad is a list of (index, path, reason).
     """
-    loader = DataLoader(_Decode(paths, size), batch_size=64, num_workers=num_workers,
-                        collate_fn=lambda items: items)
+    loader = DataLoader(_Decode(paths, size), batch_size=64, num_workers=num_workers, collate_fn=_as_list,
+                        multiprocessing_context=mp_context if num_workers else None)
     images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8) if keep else None
     good, bad = [], []
     for batch in loader:
@@ -242,10 +265,20 @@ class PaperAugment:
         ra = self.randaugment
         return ra._apply_image_or_video_transform(x, op[0], op[1], interpolation=ra.interpolation, fill=ra._fill)
 
-    def __call__(self, images):
+    def __call__(self, images, seeds=None):
+        """images: one (3, S, S) uint8 tensor or a list of them. seeds: None (draw from torch's global
+        generator, as torchvision does) or one integer per image: image i's draws then come from a CPU
+        generator seeded with seeds[i] alone (torch's global state is left as it was)."""
         if torch.is_tensor(images):
-            return self([images])[0]
-        drawn = [self._draw(x) for x in images]
+            return self([images], None if seeds is None else [seeds])[0]
+        if seeds is None:
+            drawn = [self._draw(x) for x in images]
+        else:
+            with torch.random.fork_rng(devices=[]):
+                drawn = []
+                for x, s in zip(images, seeds, strict=True):
+                    torch.default_generator.manual_seed(s)
+                    drawn.append(self._draw(x))
         for k in range(self.randaugment.num_ops):
             images = _grouped(images, [d[0][k] for d in drawn], self._randaugment_op)
         factors = torch.tensor([d[2] for d in drawn], dtype=torch.float32)   # drawn in float32: exact
@@ -266,7 +299,8 @@ class PaperAugment:
 class ImageSet(Dataset):
     """(uint8 image (3, S, S), label) pairs from the cache (images) or decoded per visit (paths). The
     DataLoader fetches a batch through __getitems__, and transform (a PaperAugment or None) gets the
-    batch's images as one list."""
+    batch's images as one list. A key is an image index, or (index, draw seed) as EpochBatches yields
+    them: that image's augmentation is then drawn from the seed alone."""
 
     def __init__(self, labels, size, images=None, paths=None, transform=None):
         assert images is not None or paths is not None
@@ -280,35 +314,80 @@ class ImageSet(Dataset):
             return self.images[i]
         return torch.from_numpy(load_image(self.paths[i], self.size)).permute(2, 0, 1)
 
-    def __getitems__(self, indices):
+    def __getitems__(self, keys):
+        seeded = bool(keys) and isinstance(keys[0], tuple)
+        indices = [k[0] for k in keys] if seeded else list(keys)
         xs = [self._image(i) for i in indices]
         if self.transform is not None:
-            xs = self.transform(xs)
+            xs = self.transform(xs, [k[1] for k in keys] if seeded else None)
         return [(x, self.labels[i]) for x, i in zip(xs, indices)]
 
-    def __getitem__(self, i):
-        return self.__getitems__([i])[0]
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
 
 
-def make_sampler(labels, num_classes, oversampling, generator):
-    """Plain shuffling, or with oversampling torch's WeightedRandomSampler with replacement, weights
-    1 / (count of the image's class) and num_classes x (largest class count) draws per epoch: every
-    class is drawn as often as the majority class, in expectation (1:1 as in the paper)."""
-    labels = torch.as_tensor(labels)
-    if not oversampling:
-        return RandomSampler(range(len(labels)), generator=generator)
-    counts = torch.bincount(labels, minlength=num_classes)
-    assert (counts > 0).all(), "every class needs at least one image"
-    weights = 1.0 / counts[labels].double()
-    return WeightedRandomSampler(weights, num_samples=num_classes * int(counts.max()), replacement=True,
-                                 generator=generator)
+SAMPLERS = ("uniform", "oversample")
 
 
-def to_model_input(x, device, channels_last=False):
-    """uint8 (B, 3, H, W) -> normalised float32 on device; the uint8 batch is what crosses to the GPU."""
-    x = x.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    return (x.float() - mean) / std
+class EpochBatches(torch.utils.data.Sampler):
+    """The training stream as batches of (image index, augmentation draw seed), a pure function of
+    (seed, epoch): the same on every machine, with any number of DataLoader workers, any start method
+    and any device. Call set_epoch(epoch) before iterating.
+
+    sampler 'uniform': every image once per epoch, in a random order. 'oversample': draws with
+    replacement, probability 1 / (count of the image's class), num_classes x (largest class count)
+    draws per epoch: every class is drawn as often as the majority class, in expectation (1:1 as in
+    the paper; what torch's WeightedRandomSampler does, from numpy's PCG64 here).
+    A last batch of a single image is left out (BatchNorm and the B x B similarity need two); with the
+    next epoch's reshuffle that image is seen in another epoch.
+    """
+
+    def __init__(self, labels, num_classes, batch_size, sampler, seed):
+        if sampler not in SAMPLERS:
+            raise UserError(f"sampler {sampler!r} is not valid; choose one of: {', '.join(SAMPLERS)}")
+        if batch_size < 2:
+            raise UserError(f"--batch_size must be at least 2 (BatchNorm needs two images), got {batch_size}")
+        self.labels = np.asarray(labels)
+        self.counts = np.bincount(self.labels, minlength=num_classes)
+        assert (self.counts > 0).all(), "every class needs at least one image"
+        self.batch_size, self.sampler, self.seed, self.epoch = batch_size, sampler, seed, 1
+        self.length = len(self.labels) if sampler == "uniform" else num_classes * int(self.counts.max())
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def order(self):
+        """-> (image indices of the epoch, one draw seed per position), from numpy's PCG64 seeded with
+        (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.sampler == "uniform":
+            order = rng.permutation(len(self.labels))
+        else:
+            p = 1.0 / self.counts[self.labels]
+            order = rng.choice(len(self.labels), size=self.length, replace=True, p=p / p.sum())
+        return order, rng.integers(0, 2 ** 63, size=len(order), dtype=np.int64)
+
+    def __len__(self):
+        return self.length // self.batch_size + (self.length % self.batch_size > 1)
+
+    def __iter__(self):
+        order, draws = self.order()
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield [(int(i), int(s)) for i, s in zip(order[sl], draws[sl])]
+
+
+class ModelInput:
+    """uint8 (B, 3, H, W) -> normalised float32 on device; the uint8 batch is what crosses to the GPU.
+    The constants are built once per device, not per batch (no host-to-device copy inside a step)."""
+
+    def __init__(self, device, channels_last=False):
+        self.device, self.channels_last = device, channels_last
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, x):
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x.float() - self.mean) / self.std

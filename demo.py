@@ -21,7 +21,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from utils import UserError, run_main
+from utils import UserError, ensure_output_dir, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -100,6 +100,9 @@ def main(argv=None):
     bad = [c for c in args.conditions if c not in CONDITIONS]
     if bad:
         raise UserError(f"--conditions {' '.join(bad)}: choose from {' '.join(CONDITIONS)}")
+    ensure_output_dir(args.data_dir, "--data_dir")
+    if not args.build_only:
+        ensure_output_dir(args.save_root, "--save_root")
     t0 = time.time()
     roots = build_image_folders(args.source, args.data_dir, args.conditions)
     print(f"Fashion-MNIST ImageFolders ready under {args.data_dir} ({time.time() - t0:.0f}s)", flush=True)
@@ -113,7 +116,9 @@ def main(argv=None):
                "--num_epochs", str(args.num_epochs), "--max_per_class", str(args.max_per_class),
                "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu"]
         print(f"\n== {cond}-grained condition: {' vs '.join(CONDITIONS[cond])}\n$ {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"reproduce.py stopped on the {cond} condition (its message is above); re-run "
+                            f"python3 demo.py to continue where it stopped")
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; tables and figures: "
           + ", ".join(os.path.join(args.save_root, c, "table1.md") for c in args.conditions))
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from data import to_model_input
+from data import ModelInput
 from utils import UserError, load_checkpoint
 
 TAPPABLE = ("layer1", "layer2", "layer3", "layer4")
@@ -99,8 +99,9 @@ def confusion_matrix(model, images, labels, num_classes, device, batch_size=256,
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
     labels = torch.as_tensor(labels)
+    to_input = ModelInput(device, channels_last)
     for start in range(0, len(labels), batch_size):
-        x = to_model_input(images[start:start + batch_size], device, channels_last)
+        x = to_input(images[start:start + batch_size])
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             pred = model(x).argmax(1).cpu()                          # (b,)
         y = labels[start:start + batch_size]
@@ -109,19 +110,32 @@ def confusion_matrix(model, images, labels, num_classes, device, batch_size=256,
 
 
 def metrics_from_confusion(cm, classes):
-    """Per-class accuracy (recall), overall and balanced accuracy, macro-F1 from a (K, K) matrix."""
+    """Per-class accuracy (recall), overall and balanced accuracy, macro-F1 from a (K, K) matrix.
+
+    balanced accuracy: mean recall over the classes present in the test set (scikit-learn's
+    balanced_accuracy_score). macro-F1: mean F1 over all K classes of the run, a class never predicted
+    or never present counting F1 = 0 (scikit-learn's f1_score(average='macro', labels=range(K),
+    zero_division=0)). Tests check both against scikit-learn.
+    """
     cm = cm.double()
     support, predicted, correct = cm.sum(1), cm.sum(0), cm.diag()
     recall = torch.where(support > 0, correct / support.clamp(min=1), torch.full_like(correct, float("nan")))
-    precision = torch.where(predicted > 0, correct / predicted.clamp(min=1), torch.zeros_like(correct))
-    f1 = torch.where(precision + recall.nan_to_num(0) > 0,
-                     2 * precision * recall.nan_to_num(0) / (precision + recall.nan_to_num(0)).clamp(min=1e-12),
-                     torch.zeros_like(correct))
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (support + predicted); 0 where both are 0
+    denom = support + predicted
+    f1 = torch.where(denom > 0, 2 * correct / denom.clamp(min=1), torch.zeros_like(correct))
     present = support > 0
     return {
         "per_class_acc": {c: float(recall[k]) for k, c in enumerate(classes)},
         "accuracy": float(correct.sum() / cm.sum()),
         "balanced_accuracy": float(recall[present].mean()),
-        "macro_f1": float(f1[present].mean()),
+        "macro_f1": float(f1.mean()),
         "confusion_matrix": cm.long().tolist(),
     }
+
+
+def use_exact_float32():
+    """float32 convolutions and matmuls in IEEE float32 on CUDA, not TF32 (which cuDNN uses for float32
+    convolutions unless told otherwise): fp32 evaluation and --no-amp training are then exact float32.
+    bf16 autocast regions are unaffected. No effect on CPU."""
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.fp32_precision = "ieee"      # convolutions and RNNs alike

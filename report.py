@@ -13,7 +13,7 @@ import io
 import json
 import os
 
-from utils import VARIANTS, UserError, run_main, write_text_atomic
+from utils import VARIANTS, UserError, ensure_output_dir, run_main, write_text_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -111,9 +111,10 @@ def figure(results, path):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if not os.path.isdir(args.save_root):
+        raise UserError(f"--save_root {args.save_root} does not exist")
+    out = ensure_output_dir(args.out or args.save_root, "--out" if args.out else "--save_root")
     results = load_results(args.save_root)
-    out = args.out or args.save_root
-    os.makedirs(out, exist_ok=True)
     classes = next(iter(results[0][1].values()))["classes"]
     minority = args.minority or classes[-1]
     if minority not in classes:

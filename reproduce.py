@@ -10,6 +10,7 @@ cell of the full grid only (one Slurm array task; see README.md).
 """
 import argparse
 import concurrent.futures as cf
+import json
 import os
 import queue
 import shlex
@@ -18,7 +19,8 @@ import sys
 import threading
 import time
 
-from utils import VARIANTS, UserError, is_complete, parse_ratio, ratio_folder_name, run_main
+from utils import (VARIANTS, UserError, ensure_output_dir, is_complete, parse_ratio, ratio_folder_name, run_main,
+                   setting_differences)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANT_FLAGS = {"baseline": [], "contrastive": ["--contrastive"], "oversampling": ["--oversampling"],
@@ -42,8 +44,8 @@ def get_args_parser():
     p.add_argument("--dry_run", action="store_true", help="print the plan, one train.py command per line")
     p.add_argument("--task_id", type=int, default=None, help="run only cell I (0-based) of the full grid")
     p.add_argument("--eval_only", action="store_true", help="skip training; run validation.py and report.py")
-    p.add_argument("--eval_precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="validation.py --precision (auto: bf16 where the device runs it natively)")
+    p.add_argument("--eval_precision", choices=("fp32", "bf16"), default="fp32",
+                   help="validation.py --precision (default fp32: exact float32; bf16 is faster where native)")
     p.add_argument("--paper", choices=["coarse", "fine"], default=None, help="show the paper's Table 1 beside ours")
     return p
 
@@ -84,9 +86,30 @@ def cell_command(args, passthrough, cell):
         return run_dir, None
     if os.path.isfile(os.path.join(run_dir, "last.pth")):
         return run_dir, ["train.py", "--resume", run_dir]
-    return run_dir, ["train.py", "--train_data_root", args.train_data_root, "--classes", *args.classes,
-                     "--ratio", ratio, "--save_root", args.save_root, "--run_id", str(k),
-                     *VARIANT_FLAGS[variant], *passthrough]
+    return run_dir, fresh_command(args, passthrough, cell)
+
+
+def fresh_command(args, passthrough, cell):
+    variant, ratio, k = cell
+    return ["train.py", "--train_data_root", args.train_data_root, "--classes", *args.classes,
+            "--ratio", ratio, "--save_root", args.save_root, "--run_id", str(k), *VARIANT_FLAGS[variant], *passthrough]
+
+
+def mismatch(args, passthrough, cell, run_dir):
+    """None when the run in run_dir (finished, or resumable from its last.pth) was made with the settings
+    the plan gives this cell; else why not (the differing settings, by name)."""
+    import train
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        recorded = cfg["fingerprint_settings"]
+    except (OSError, ValueError, KeyError):
+        return "its config.json is missing, unreadable or has no fingerprint (made by an older version)"
+    t = train.get_args_parser().parse_args(fresh_command(args, passthrough, cell)[1:])
+    a = train.absolute_paths(vars(t))
+    planned = train.planned_settings(a, parse_ratio(a["ratio"], a["classes"]), cell[2])
+    diff = setting_differences(recorded, planned)
+    return "; ".join(f"{d} (recorded vs planned)" for d in diff) or None
 
 
 def plan(args, passthrough):
@@ -95,13 +118,23 @@ def plan(args, passthrough):
         if not 0 <= args.task_id < len(cells):
             raise UserError(f"--task_id {args.task_id}: the grid has cells 0..{len(cells) - 1}")
         cells = [cells[args.task_id]]
-    todo, done = [], 0
+    todo, done, unlike = [], 0, []
     for cell in cells:
         run_dir, cmd = cell_command(args, passthrough, cell)
+        if cmd is None or cmd[1] == "--resume":
+            why = mismatch(args, passthrough, cell, run_dir)
+            if why:
+                unlike.append(f"  {run_dir}: {why}")
+                continue
         if cmd is None:
             done += 1
         else:
             todo.append((cell, run_dir, cmd))
+    if unlike:
+        raise UserError(f"{len(unlike)} run folder(s) under {args.save_root} hold runs made with other settings "
+                        f"than this command plans, so they cannot count as its cells; nothing was trained:\n"
+                        + "\n".join(unlike[:20]) + ("\n  ..." if len(unlike) > 20 else "")
+                        + f"\nUse a new --save_root for these settings (or the original command for that one).")
     return todo, done
 
 
@@ -178,6 +211,7 @@ def main(argv=None):
             print(shlex.join(["python3", *cmd]))
         print(f"# {len(todo)} train.py command(s) to run, {done} cell(s) already complete", file=sys.stderr)
         return
+    ensure_output_dir(args.save_root, "--save_root")
     print(f"{len(todo)} run(s) to train, {done} already complete, under {args.save_root}", flush=True)
     failed = train_all(args, todo) if todo else []
     if args.task_id is None and args.test_data_root:

@@ -8,7 +8,6 @@ best.pth, last.pth and, once finished, summary.json. See README.md for every fla
 """
 import argparse
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -23,12 +22,14 @@ import torchvision
 from tqdm import tqdm
 
 import data
-from model import TAPPABLE, build_model, compute_loss, forward_with_taps
-from utils import (BackgroundSaver, UserError, append_line, claim_run_dir, git_commit, is_complete, load_checkpoint,
-                   parse_ratio, ratio_folder_name, run_main, run_number, signals_deferred, variant_name,
-                   write_json_atomic, ACC_DECIMALS)
+from model import TAPPABLE, build_model, compute_loss, forward_with_taps, use_exact_float32
+from utils import (BackgroundSaver, CELL_EXCLUDES, UserError, WriteError, append_line, available_cpus, claim_run_dir,
+                   fingerprint, git_commit, is_complete, load_checkpoint, parse_ratio, ratio_folder_name, run_main,
+                   run_number, run_settings, signals_deferred, variant_name, write_json_atomic, ACC_DECIMALS)
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
+# flags that --resume accepts: they change how fast a run goes, not its result (see utils.run_settings)
+RESUME_FLAGS = ("device", "num_workers", "cache", "compile", "channels_last")
 
 
 def get_args_parser():
@@ -52,21 +53,25 @@ def get_args_parser():
                    "plain = resize only")
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_epochs", type=int, default=100, help="paper: 100")
-    g.add_argument("--batch_size", type=int, default=64, help="paper: 64")
+    g.add_argument("--batch_size", type=int, default=64, help="paper: 64 (at least 2; a last batch of a single "
+                   "image is left out of its epoch)")
     g.add_argument("--lr", type=float, default=0.001, help="paper: 0.001")
     g.add_argument("--optimizer", default="adam", help="adam (default; the paper names none), adamw, or sgd "
                    "(momentum 0.9)")
     g.add_argument("--img_size", type=int, default=224, help="images are resized to img_size x img_size (224)")
     g.add_argument("--weights", default="imagenet", help="imagenet (torchvision IMAGENET1K_V1, default), none "
                    "(random init), or a path to a resnet18 state_dict")
-    g.add_argument("--seed", type=int, default=None, help="seeds subset, init and augmentation "
-                   "(default: the run's number X, so run_1, run_2... differ and each is reproducible)")
+    g.add_argument("--seed", type=int, default=None, help="seeds subset, init, sampling order and augmentation, "
+                   "a non-negative integer (default: the run's number X, so run_1, run_2... differ and each is "
+                   "reproducible)")
     g = p.add_argument_group("machine")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, "
-                   "where the model needs both cores; min(8, CPUs) on CUDA)")
+    g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers for training and for the "
+                   "first decoding pass (default: training 0 on CPU, where the model needs the cores, min(8, CPUs) "
+                   "on CUDA; decoding min(8, CPUs)); 0 = everything in this process. The results do not depend on it")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (default on; ignored on CPU)")
+                   help="bf16 autocast on CUDA (default on; ignored on CPU); --no-amp trains in exact float32 "
+                   "(TF32 off)")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format on CUDA (default on; ignored on CPU)")
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
@@ -92,15 +97,6 @@ def resolve_device(name):
                         "cpu" if name == "auto" else name)
 
 
-def native_bf16(device):
-    """True where bf16 matmuls run in hardware: a CUDA card with bf16, or a CPU with AMX or AVX512-BF16
-    (elsewhere bf16 is emulated and slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
 def check_args(args):
     """Validate the options that argparse cannot; UserError names the flag and the valid values."""
     for flag in ("train_data_root", "classes", "ratio"):
@@ -114,21 +110,42 @@ def check_args(args):
                         f"from {' '.join(TAPPABLE)}")
     if args.optimizer not in ("adam", "adamw", "sgd"):
         raise UserError(f"--optimizer {args.optimizer!r} is not valid; choose adam, adamw or sgd")
-    for flag, low in (("num_epochs", 1), ("batch_size", 1), ("img_size", 8), ("max_per_class", 0)):
+    for flag, low in (("num_epochs", 1), ("batch_size", 2), ("img_size", 8), ("max_per_class", 0)):
         if getattr(args, flag) < low:
             raise UserError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.num_workers is not None and args.num_workers < 0:
         raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer (0, 1, 2, ...), got {args.seed}")
     data.build_augment(args.augment)
     parse_ratio(args.ratio, args.classes)
 
 
-def prepare_run(args):
+def given_flags(argv):
+    """The dests of the options given on the command line, as opposed to filled in by argparse."""
+    probe, unset = get_args_parser(), object()
+    probe.set_defaults(**{dest: unset for dest in vars(probe.parse_args([]))})
+    return {dest for dest, v in vars(probe.parse_args(argv)).items() if v is not unset}
+
+
+def absolute_paths(a, base=None):
+    """The run's input and output paths made absolute (against base, else the working folder), so that
+    config.json names them wherever --resume is later started."""
+    a = dict(a)
+    for key in ("train_data_root", "save_root"):
+        if a.get(key):
+            a[key] = os.path.abspath(os.path.join(base or os.getcwd(), a[key]))
+    if a.get("weights") not in (None, "imagenet", "none"):
+        a["weights"] = os.path.abspath(os.path.join(base or os.getcwd(), a["weights"]))
+    return a
+
+
+def prepare_run(args, given):
     """Return (run_dir, config, start_state): a new run folder, or the one given to --resume."""
     if args.resume:
-        return prepare_resume(args.resume)
+        return prepare_resume(args, given)
     check_args(args)
     ratio = parse_ratio(args.ratio, args.classes)
     variant = variant_name(args.contrastive, args.oversampling)
@@ -136,9 +153,9 @@ def prepare_run(args):
     run_dir = claim_run_dir(os.path.join(args.save_root, variant, ratio_folder_name(ratio)), args.run_id)
     if args.run_id is not None:
         set_aside_previous_attempt(run_dir)
-    cfg = {"args": {k: v for k, v in vars(args).items() if k != "resume"},
+    cfg = {"args": absolute_paths({k: v for k, v in vars(args).items() if k != "resume"}),
            "variant": variant, "classes": list(args.classes), "ratio": ratio,
-           "seed": args.seed if args.seed is not None else run_number(run_dir)}
+           "seed": args.seed if args.seed is not None else run_number(run_dir), "cwd": os.getcwd()}
     return run_dir, cfg, None
 
 
@@ -155,7 +172,16 @@ def set_aside_previous_attempt(run_dir):
             os.replace(os.path.join(run_dir, n), os.path.join(keep, n))
 
 
-def prepare_resume(run_dir):
+def prepare_resume(args, given):
+    """The run's own configuration from its config.json; of the flags given with --resume only those
+    that do not change the result (RESUME_FLAGS) are taken, any other is refused."""
+    run_dir = args.resume
+    refused = sorted(given - {"resume", *RESUME_FLAGS})
+    if refused:
+        raise UserError(f"--resume {run_dir} continues the run with the settings in its config.json; "
+                        f"{' '.join('--' + f for f in refused)} would change its result and cannot be combined "
+                        f"with --resume (allowed: {' '.join('--' + f for f in RESUME_FLAGS)}). "
+                        f"Start a new run for other settings.")
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"--resume {run_dir}: no config.json there; give a run folder made by train.py")
@@ -163,20 +189,41 @@ def prepare_resume(run_dir):
         cfg = json.load(f)
     if is_complete(run_dir):
         raise UserError(f"--resume {run_dir}: this run already finished (summary.json exists)")
+    cfg["args"] = absolute_paths(cfg["args"], base=cfg.get("cwd"))   # runs recorded with relative paths
+    cfg["args"].update({f: getattr(args, f) for f in given & set(RESUME_FLAGS)})
     last = os.path.join(run_dir, "last.pth")
     state = load_checkpoint(last) if os.path.isfile(last) else None
     return run_dir, cfg, state
 
 
-def build_train_data(cfg, run_dir):
-    """Subsample, check (and cache) the images once; record counts and broken files in cfg."""
-    a = cfg["args"]
+def planned_subset(a, ratio, seed):
+    """(paths, labels, counts, notes) of the images the run is to use, before any is decoded."""
     images = data.find_class_images(a["train_data_root"], a["classes"])
-    paths, labels, counts, notes = data.subsample(images, a["classes"], cfg["ratio"], a["max_per_class"] or None,
-                                                  cfg["seed"])
+    return data.subsample(images, a["classes"], ratio, a["max_per_class"] or None, seed)
+
+
+def planned_settings(a, ratio, seed):
+    """utils.run_settings of a run with train.py arguments a (a dict, paths absolute): what
+    reproduce.py compares with a finished run's config.json."""
+    paths = planned_subset(a, ratio, seed)[0]
+    return run_settings(a, ratio, seed, data.subset_id(paths, a["train_data_root"]))
+
+
+def set_fingerprint(cfg, settings):
+    cfg.update(fingerprint_settings=settings, fingerprint=fingerprint(settings),
+               cell_fingerprint=fingerprint(settings, exclude=CELL_EXCLUDES))
+
+
+def build_train_data(cfg, run_dir):
+    """Subsample, check (and cache) the images once; record counts, broken files and, for a new run,
+    the fingerprint of its settings in cfg."""
+    a = cfg["args"]
+    paths, labels, counts, notes = planned_subset(a, cfg["ratio"], cfg["seed"])
+    if "fingerprint" not in cfg:
+        set_fingerprint(cfg, run_settings(a, cfg["ratio"], cfg["seed"], data.subset_id(paths, a["train_data_root"])))
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
-    workers = min(8, os.cpu_count() or 1) if a["num_workers"] is None or a["num_workers"] == 0 else a["num_workers"]
+    workers = a["num_workers"] if a["num_workers"] is not None else min(8, available_cpus())
     with tqdm(total=len(paths), desc="decode+check", disable=None, file=sys.stderr) as bar:
         cache, bad = data.decode_all(paths, a["img_size"], num_workers=workers, keep=a["cache"], progress=bar)
     if bad:
@@ -191,27 +238,30 @@ def build_train_data(cfg, run_dir):
         counts[c]["used"] = labels.count(k)
         if counts[c]["used"] == 0:
             raise UserError(f"class {c!r} has no readable image left in {a['train_data_root']}")
-    subset_id = hashlib.sha1("\n".join(os.path.relpath(p, a["train_data_root"]) for p in paths).encode()).hexdigest()
-    if cfg.get("subset_sha1") not in (None, subset_id):
+    used = data.subset_id(paths, a["train_data_root"])
+    if cfg.get("subset_sha1") not in (None, used):
         raise UserError(f"{a['train_data_root']} changed since {run_dir} started: the chosen images differ; "
                         f"start a new run instead of --resume")
-    cfg.update(counts=counts, notes=notes, subset_sha1=subset_id, n_bad_images=len(bad),
+    cfg.update(counts=counts, notes=notes, subset_sha1=used, n_bad_images=len(bad),
                bad_images=[p for _, p, _ in bad], cache_bytes=int(cache.numel()) if cache is not None else 0)
     dataset = data.ImageSet(labels, a["img_size"], images=cache, paths=None if a["cache"] else paths,
                             transform=data.build_augment(a["augment"]))
     return dataset, labels
 
 
-def make_loader(dataset, labels, cfg, device):
+def make_loader(dataset, labels, cfg, device, mp_context=None):
+    """-> (DataLoader, its EpochBatches). The stream is a pure function of (seed, epoch) whatever the
+    workers; mp_context is their start method (None: Python's default)."""
     a = cfg["args"]
-    workers = a["num_workers"] if a["num_workers"] is not None else (min(8, os.cpu_count() or 1)
+    workers = a["num_workers"] if a["num_workers"] is not None else (min(8, available_cpus())
                                                                      if device.type == "cuda" else 0)
-    generator = torch.Generator()
-    sampler = data.make_sampler(labels, len(a["classes"]), a["oversampling"], generator)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=a["batch_size"], sampler=sampler, num_workers=workers,
-                                         pin_memory=device.type == "cuda", generator=generator,
-                                         prefetch_factor=4 if workers else None)
-    return loader, generator
+    batches = data.EpochBatches(labels, len(a["classes"]), a["batch_size"],
+                                "oversample" if a["oversampling"] else "uniform", cfg["seed"])
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                                         persistent_workers=workers > 0,
+                                         multiprocessing_context=mp_context if workers else None)
+    return loader, batches
 
 
 def make_optimizer(name, params, lr):
@@ -222,13 +272,14 @@ def make_optimizer(name, params, lr):
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
-def seed_epoch(seed, epoch, generator):
-    """Every epoch draws from a fresh, fixed seed: a resumed run repeats an uninterrupted one."""
+def seed_epoch(seed, epoch, batches):
+    """Every epoch draws from a fresh, fixed seed: a resumed run repeats an uninterrupted one. The data
+    stream (order and augmentation) comes from batches, seeded by (seed, epoch) alone."""
     s = seed * 1_000_003 + epoch
     torch.manual_seed(s)
     random.seed(s)
     np.random.seed(s % 2 ** 32)
-    generator.manual_seed(s)
+    batches.set_epoch(epoch)
 
 
 # ---------------------------------------------------------------- one epoch
@@ -251,7 +302,10 @@ def train_one_epoch(net, loader, optimizer, device, cfg, desc):
     use_cuda = device.type == "cuda"
     amp, channels_last = use_cuda and a["amp"], use_cuda and a["channels_last"]
     net.train()
-    sums, seen, correct = None, torch.zeros(K, device=device), torch.zeros(K, device=device)
+    to_input = data.ModelInput(device, channels_last)
+    # per-class counts stay on the device and are added without a host sync (scatter_add_, not bincount)
+    sums, seen, correct = None, torch.zeros(K, device=device, dtype=torch.long), torch.zeros(K, device=device,
+                                                                                             dtype=torch.long)
     t0, data_s = time.perf_counter(), 0.0
     it = iter(loader)
     bar = tqdm(total=len(loader), desc=desc, disable=None, file=sys.stderr, leave=False)
@@ -259,7 +313,7 @@ def train_one_epoch(net, loader, optimizer, device, cfg, desc):
         t = time.perf_counter()
         x, y = next(it)
         data_s += time.perf_counter() - t
-        x, y = data.to_model_input(x, device, channels_last), y.to(device, non_blocking=True)
+        x, y = to_input(x), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits, feats = net(x)
         loss, terms = compute_loss(logits, feats, y, a["contrastive_weight"])
@@ -269,17 +323,22 @@ def train_one_epoch(net, loader, optimizer, device, cfg, desc):
         names = ["loss"] + list(terms)
         batch = torch.stack([loss.detach()] + [v.detach() for v in terms.values()]) * len(y)
         sums = batch if sums is None else sums + batch
-        seen += torch.bincount(y, minlength=K)
-        correct += torch.bincount(y[logits.argmax(1) == y], minlength=K)
+        seen.scatter_add_(0, y, torch.ones_like(y))                           # (K,)
+        correct.scatter_add_(0, y, (logits.argmax(1) == y).long())            # (K,)
         if step % FINITE_CHECK_EVERY == 0 or step == len(loader) - 1:
             check_finite(sums, names, step, desc)
         bar.update()
     bar.close()
-    seconds, n = time.perf_counter() - t0, seen.sum().item()
-    out = {"train_acc": round(correct.sum().item() / n, ACC_DECIMALS),
-           "per_class_acc": {c: round((correct[k] / seen[k]).item(), 4) if seen[k] else None
-                             for k, c in enumerate(a["classes"])}}
-    out.update({name: v / n for name, v in zip(names, sums.tolist())})
+    return epoch_metrics(sums, names, seen, correct, a["classes"], time.perf_counter() - t0, data_s)
+
+
+def epoch_metrics(sums, names, seen, correct, classes, seconds, data_s):
+    """The epoch's dict of metrics from the device-side sums: the epoch's one host sync after its last step."""
+    seen, correct, sums = seen.tolist(), correct.tolist(), sums.tolist()
+    n = sum(seen)
+    out = {"train_acc": round(sum(correct) / n, ACC_DECIMALS),
+           "per_class_acc": {c: round(correct[k] / seen[k], 4) if seen[k] else None for k, c in enumerate(classes)}}
+    out.update({name: v / n for name, v in zip(names, sums)})
     out.update(images=int(n), seconds=round(seconds, 2), img_per_s=round(n / seconds, 1),
                data_wait_fraction=round(data_s / seconds, 4))
     return out
@@ -307,10 +366,10 @@ def main(argv=None, epoch_done=None):
     before that epoch's checkpoint is handed to the background writer (bench.py times the model's
     compute-only limit there, between epochs)."""
     args = get_args_parser().parse_args(argv)
-    run_dir, cfg, state = prepare_run(args)
+    use_exact_float32()   # float32 means IEEE float32 on CUDA too (no TF32); bf16 only under --amp
+    run_dir, cfg, state = prepare_run(args, given_flags(argv))
     a = cfg["args"]
     device = resolve_device(a["device"])
-    log = os.path.join(run_dir, "train.log")
     try:
         torch.manual_seed(cfg["seed"])
         model = build_model(len(a["classes"]), "none" if state else a["weights"]).to(device)
@@ -319,8 +378,7 @@ def main(argv=None, epoch_done=None):
         if not state and not os.listdir(run_dir):
             os.rmdir(run_dir)  # nothing was written: give the number back
         raise
-    cfg.update(git_commit=git_commit(), torch=str(torch.__version__), torchvision=str(torchvision.__version__),
-               python=platform.python_version(), device=str(device), host=platform.node())
+    record_provenance(cfg, device, state)
     write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
     counts = ", ".join(f"{c}: {v['used']}" for c, v in cfg["counts"].items())
     print(f"{run_dir}: {cfg['variant']} ratio {':'.join(f'{r:g}' for r in cfg['ratio'])}, images {counts}, "
@@ -334,15 +392,39 @@ def main(argv=None, epoch_done=None):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, best = state["epoch"] + 1, (state["best_epoch"], state["best_train_acc"])
-        append_line(log, f"Resumed from last.pth at epoch {state['epoch']}")
+        append_line(os.path.join(run_dir, "train.log"), f"Resumed from last.pth at epoch {state['epoch']}")
     net = Tapped(model, a["contrastive_layers"] if a["contrastive"] else ())
     net = torch.compile(net) if a["compile"] else net
-    loader, generator = make_loader(dataset, labels, cfg, device)
+    loader, batches = make_loader(dataset, labels, cfg, device)
+    best = train_epochs(run_dir, cfg, net, model, optimizer, loader, batches, device, start, best, epoch_done)
+    summary = {"best_epoch": best[0], "best_train_acc": best[1], "epochs": a["num_epochs"]}
+    append_line(os.path.join(run_dir, "train.log"), f"Finished: best epoch {best[0]} (Train Acc {best[1]:.{ACC_DECIMALS}f})")
+    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    print(f"finished {run_dir}: best epoch {best[0]}, Train Acc {best[1]:.{ACC_DECIMALS}f}", file=sys.stderr)
+    return run_dir
 
+
+def record_provenance(cfg, device, state):
+    """Where and with what the run was made; a resume appends its own entry and keeps the original."""
+    here = {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "python": platform.python_version(), "device": str(device), "host": platform.node()}
+    if "git_commit" not in cfg:
+        cfg.update(here)
+    else:
+        resumed_at = state["epoch"] if state else 0
+        cfg.setdefault("resumed", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_epoch": resumed_at,
+                                              **here, "cwd": os.getcwd()})
+
+
+def train_epochs(run_dir, cfg, net, model, optimizer, loader, batches, device, start, best, epoch_done):
+    """Epochs start..num_epochs, each recorded (checkpoints, train.log, metrics.jsonl) as a whole.
+    An interrupt exits with 130; a refused write or a non-finite loss stops with a UserError; both say
+    which epoch last.pth holds and how to continue. -> (best epoch, its Train Acc)."""
+    a, log = cfg["args"], os.path.join(run_dir, "train.log")
     done, saver = start - 1, BackgroundSaver()   # done: the last epoch whose checkpoint and log lines are recorded
     try:
         for epoch in range(start, a["num_epochs"] + 1):
-            seed_epoch(cfg["seed"], epoch, generator)
+            seed_epoch(cfg["seed"], epoch, batches)
             m = train_one_epoch(net, loader, optimizer, device, cfg, f"epoch {epoch}/{a['num_epochs']}")
             if epoch_done is not None:
                 epoch_done(epoch, m)
@@ -363,11 +445,20 @@ def main(argv=None, epoch_done=None):
     except FloatingPointError as e:
         append_line(log, f"Stopped: {e}")
         raise UserError(str(e))
-    summary = {"best_epoch": best[0], "best_train_acc": best[1], "epochs": a["num_epochs"]}
-    append_line(log, f"Finished: best epoch {best[0]} (Train Acc {best[1]:.{ACC_DECIMALS}f})")
-    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    print(f"finished {run_dir}: best epoch {best[0]}, Train Acc {best[1]:.{ACC_DECIMALS}f}", file=sys.stderr)
-    return run_dir
+    except WriteError as e:
+        try:
+            saver.wait()
+        except WriteError:
+            pass
+        held = saver.written if saver.written is not None else start - 1
+        msg = (f"{e}. The run stopped; {f'last.pth holds epoch {held}, complete' if held else 'no epoch was saved'}"
+               f". Make room or fix the permissions, then continue with: python3 train.py --resume {run_dir}")
+        try:
+            append_line(log, f"Stopped: {msg}")
+        except WriteError:
+            pass
+        raise WriteError(msg)
+    return best
 
 
 def save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg):
@@ -390,7 +481,7 @@ def save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg):
     jobs.append((os.path.join(run_dir, "last.pth"),
                  {"model": weights, "optimizer": opt_state, "epoch": epoch, "train_acc": m["train_acc"],
                   "best_epoch": best[0], "best_train_acc": best[1], "rng": rng, "config": cfg}))
-    saver.save(jobs)
+    saver.save(jobs, tag=epoch)
     return best
 
 

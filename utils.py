@@ -4,6 +4,9 @@ Everything here is plain Python (plus torch for checkpoints); the data pipeline 
 the model and loss in model.py.
 """
 import contextlib
+import errno
+import hashlib
+import io
 import json
 import math
 import os
@@ -33,13 +36,59 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one clear message, never as a traceback."""
 
 
+class WriteError(UserError):
+    """An output file or folder that the file system refused (read-only, full, a file in the way)."""
+
+
+# errno values of a file system that says no, rather than of a bug
+REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.ENOTDIR,
+            errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG}
+
+
 def run_main(main):
-    """Call main(); turn UserError into 'error: ...' on stderr and exit code 2."""
+    """Call main(); turn UserError, and an OSError of a file system that refused (read-only, full, a
+    file in the way), into 'error: ...' on stderr and exit code 2."""
     try:
         return main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in REFUSALS:
+            raise
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def describe_os_error(e, path=None):
+    """'<path>: <reason>' of an OSError, naming the path even where the error itself does not."""
+    where = e.filename or path
+    why = e.strerror or str(e) or type(e).__name__
+    hint = {errno.ENOSPC: " (the disk is full)", errno.EDQUOT: " (over the disk quota)",
+            errno.EROFS: " (a read-only file system)"}.get(e.errno, "")
+    return f"{where}: {why}{hint}" if where else f"{why}{hint}"
+
+
+def available_cpus():
+    """CPUs this process may run on: os.sched_getaffinity where it exists (it respects Slurm, cgroup
+    and taskset limits), else os.cpu_count()."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def ensure_output_dir(path, flag):
+    """Create path if needed and check that a file can be written there -> path; WriteError naming
+    flag and path otherwise (a file in the way, a read-only folder or file system, a full disk)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise WriteError(f"{flag} {path} cannot be used for output: {describe_os_error(e, path)}; "
+                         f"give a writable folder")
+    return path
 
 
 # ---------------------------------------------------------------- ratios and variants
@@ -76,19 +125,23 @@ def variant_name(contrastive, oversampling):
 # ---------------------------------------------------------------- atomic files
 
 def _atomic_replace(path, write):
-    """Write to a temporary file in the same folder, fsync, then rename over path."""
+    """Write to a temporary file in the same folder, fsync, then rename over path. A refusing file
+    system raises WriteError naming path; path keeps its previous complete version."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"could not write {path}: {describe_os_error(e, path)}") from e
         raise
 
 
@@ -101,8 +154,14 @@ def write_json_atomic(path, obj):
 
 
 def save_checkpoint(path, ckpt):
-    """torch.save through a temporary file: path always holds a complete checkpoint."""
-    _atomic_replace(path, lambda f: torch.save(ckpt, f))
+    """torch.save through a temporary file: path always holds a complete checkpoint. The checkpoint is
+    serialised in memory first and written by Python, so that a full disk surfaces as an OSError
+    (WriteError) and not as torch's 'unexpected pos' RuntimeError."""
+    def write(f):
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        f.write(buf.getbuffer())
+    _atomic_replace(path, write)
 
 
 @contextlib.contextmanager
@@ -132,15 +191,18 @@ class BackgroundSaver:
 
     def __init__(self):
         self._thread, self._error = None, None
+        self.written = None   # the tag of the last batch of files that is completely on disk
 
-    def save(self, jobs):
-        """jobs: [(path, checkpoint)], written in order with save_checkpoint()."""
+    def save(self, jobs, tag=None):
+        """jobs: [(path, checkpoint)], written in order with save_checkpoint(); tag (e.g. the epoch)
+        becomes self.written once they all are."""
         self.wait()
 
         def work():
             try:
                 for path, ckpt in jobs:
                     save_checkpoint(path, ckpt)
+                self.written = tag
             except BaseException as e:  # handed to the training thread by wait()
                 self._error = e
         self._thread = threading.Thread(target=work, name="checkpoint-writer")
@@ -170,31 +232,42 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def append_line(path, line):
-    """Append one line and flush it to disk, so a crash loses at most the line being written."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line and flush it to disk, so a crash loses at most the line being written.
+    A refusing file system raises WriteError naming path."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError(f"could not append to {path}: {describe_os_error(e, path)}") from e
 
 
 # ---------------------------------------------------------------- run folders
 
 def claim_run_dir(parent, run_id=None):
     """Create and return parent/run_X. X is the lowest free number, claimed with an atomic mkdir, so
-    trainings started together never share a folder. With run_id, exactly run_<run_id>."""
-    os.makedirs(parent, exist_ok=True)
-    if run_id is not None:
-        path = os.path.join(parent, f"run_{run_id}")
-        os.makedirs(path, exist_ok=True)
-        return path
-    x = 1
-    while True:
-        path = os.path.join(parent, f"run_{x}")
-        try:
-            os.mkdir(path)
+    trainings started together never share a folder (mkdir is atomic on local and NFS file systems
+    alike). With run_id, exactly run_<run_id>. A folder that cannot be made raises WriteError."""
+    try:
+        os.makedirs(parent, exist_ok=True)
+        if run_id is not None:
+            path = os.path.join(parent, f"run_{run_id}")
+            os.makedirs(path, exist_ok=True)
             return path
-        except FileExistsError:
-            x += 1
+        x = 1
+        while True:
+            path = os.path.join(parent, f"run_{x}")
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise
+                x += 1
+    except OSError as e:
+        raise WriteError(f"--save_root: cannot create a run folder under {parent}: {describe_os_error(e, parent)}; "
+                         f"give a writable --save_root")
 
 
 def run_number(run_dir):
@@ -214,6 +287,52 @@ def git_commit():
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# ---------------------------------------------------------------- run fingerprints
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_settings(args, ratio, seed, planned_subset):
+    """Everything that changes a run's result, as plain values: the data (absolute root, classes, ratio,
+    cap, the planned subset's sha1), the method (variant flags; the contrastive layers and weight only
+    when the contrastive term is on), the optimisation (epochs, batch, lr, optimizer, image size,
+    initial weights: a file by its sha256, augmentation, bf16 autocast) and the seed. Not the device,
+    workers, cache, compile, channels_last or where outputs go: they change how fast, not what.
+    args: train.py's arguments as a dict (paths already absolute)."""
+    weights = args["weights"]
+    if weights not in ("imagenet", "none") and os.path.isfile(weights):
+        weights = "sha256:" + file_sha256(weights)
+    s = {"train_data_root": args["train_data_root"], "classes": list(args["classes"]), "ratio": list(ratio),
+         "max_per_class": args["max_per_class"], "img_size": args["img_size"], "num_epochs": args["num_epochs"],
+         "batch_size": args["batch_size"], "lr": args["lr"], "optimizer": args["optimizer"], "weights": weights,
+         "augment": args["augment"], "amp": args["amp"], "contrastive": bool(args["contrastive"]),
+         "oversampling": bool(args["oversampling"])}
+    if args["contrastive"]:
+        s.update(contrastive_layers=list(args["contrastive_layers"]), contrastive_weight=args["contrastive_weight"])
+    s.update(seed=seed, planned_subset_sha1=planned_subset)
+    return s
+
+
+CELL_EXCLUDES = ("seed", "planned_subset_sha1")   # what differs between the runs of one cell by design
+
+
+def fingerprint(settings, exclude=()):
+    """sha256 (first 16 hex digits) of the settings' canonical JSON, leaving out the keys in exclude."""
+    kept = {k: v for k, v in settings.items() if k not in exclude}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def setting_differences(a, b, exclude=()):
+    """'name: A vs B' for every setting that differs between two settings dicts."""
+    keys = [k for k in dict.fromkeys([*a, *b]) if k not in exclude and a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k, '(unset)')!r} vs {b.get(k, '(unset)')!r}" for k in keys]
 
 
 # ---------------------------------------------------------------- train.log

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 import data
-from model import build_model, confusion_matrix, metrics_from_confusion
-from train import native_bf16, resolve_device
-from utils import (RUN_DIR_RE, UserError, best_epoch, is_complete, load_checkpoint, parse_train_log,
-                   run_main, run_number, write_json_atomic, write_text_atomic)
+from model import build_model, confusion_matrix, metrics_from_confusion, use_exact_float32
+from train import resolve_device
+from utils import (CELL_EXCLUDES, RUN_DIR_RE, UserError, available_cpus, best_epoch, ensure_output_dir, fingerprint,
+                   is_complete, load_checkpoint, parse_train_log, run_main, run_number, run_settings,
+                   setting_differences, write_json_atomic, write_text_atomic)
 
 
 def get_args_parser():
@@ -30,11 +31,13 @@ def get_args_parser():
     p.add_argument("--test_data_root", required=True, help="ImageFolder root of the test images")
     p.add_argument("--classes", nargs="+", help="class names; must match each run's config.json (default: the run's)")
     p.add_argument("--batch_size", type=int, default=256, help="evaluation batch size (256)")
-    p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: min(8, CPUs))")
+    p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: min(8, CPUs this process "
+                   "may use); 0 = decode in this process")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast where the device runs bf16 natively (CUDA, CPUs with AMX or "
-                        "AVX512-BF16), else fp32; fp32 gives exact float32 predictions")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (default): exact float32 (TF32 off on CUDA), the same predictions on every "
+                        "machine up to its float32 kernels; bf16: bf16 autocast, faster where the hardware runs "
+                        "bf16 (CUDA, CPUs with AMX), and moves logits by about 1e-2")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any run was skipped")
     return p
 
@@ -113,11 +116,33 @@ def inspect_run(run_dir, classes=None):
 
 # ---------------------------------------------------------------- evaluation
 
+def cell_settings(cfg):
+    """The settings of a run that the runs of one cell share (all but seed and subset): recorded in
+    config.json, or for runs made before fingerprints existed, derived from their arguments."""
+    if "fingerprint_settings" in cfg:
+        return cfg["fingerprint_settings"]
+    return run_settings(cfg["args"], cfg["ratio"], cfg.get("seed"), None)
+
+
+def check_one_cell(ratio_dir, runs):
+    """All runs of one ratio folder must share a cell fingerprint: never a silent mix of unlike runs
+    in one row. UserError naming the folder, the runs and the differing settings otherwise."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(fingerprint(r["settings"], exclude=CELL_EXCLUDES), []).append(r)
+    if len(groups) > 1:
+        (first, *_), (other, *_) = list(groups.values())[:2]
+        diff = setting_differences(first["settings"], other["settings"], exclude=CELL_EXCLUDES)
+        listing = "; ".join(", ".join(os.path.basename(r["run_dir"]) for r in g) for g in groups.values())
+        raise UserError(f"{ratio_dir} holds runs of different settings ({listing}), which would be averaged "
+                        f"as one cell: {'; '.join(diff)}. Move the unlike runs to their own save root.")
+
+
 class TestImages:
     """Test images decoded once per (image size, classes) and shared by every run that needs them."""
 
-    def __init__(self, root, num_workers):
-        self.root, self.num_workers, self.cache = root, num_workers, {}
+    def __init__(self, root, num_workers, mp_context=None):
+        self.root, self.num_workers, self.mp_context, self.cache = root, num_workers, mp_context, {}
 
     def get(self, size, classes):
         key = (size, tuple(classes))
@@ -128,7 +153,7 @@ class TestImages:
                 raise UserError(f"the test folder does not match the run's classes {list(classes)}: {e}")
             paths = [p for c in classes for p in images[c]]
             labels = [k for k, c in enumerate(classes) for _ in images[c]]
-            pixels, bad = data.decode_all(paths, size, num_workers=self.num_workers)
+            pixels, bad = data.decode_all(paths, size, num_workers=self.num_workers, mp_context=self.mp_context)
             for _, p, why in bad:
                 print(f"warning: skipping broken test image {p}: {why}", file=sys.stderr)
             bad_idx = {i for i, _, _ in bad}
@@ -149,10 +174,6 @@ class Models:
             self.by_k[num_classes] = model.to(self.device, memory_format=torch.channels_last)
         self.by_k[num_classes].load_state_dict(state)
         return self.by_k[num_classes]
-
-
-def resolve_precision(choice, device):
-    return choice if choice != "auto" else "bf16" if native_bf16(device) else "fp32"
 
 
 def evaluate_run(cfg, ckpt, tests, models, batch_size, precision):
@@ -201,18 +222,22 @@ def evaluate_variant(variant_dir, args, tests, models):
         metrics = evaluate_run(cfg, ckpt, tests, models, args.batch_size, args.precision)
         entry = ratios.setdefault(ratio_name, {"ratio": cfg["ratio"], "classes": cfg["classes"], "runs": []})
         entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": acc,
-                              "img_size": cfg["args"]["img_size"], "metrics": metrics})
+                              "img_size": cfg["args"]["img_size"], "fingerprint": cfg.get("fingerprint"),
+                              "settings": cell_settings(cfg), "metrics": metrics})
         print(f"evaluated {run_dir} (epoch {epoch}): " + " ".join(
             f"{k} {v:.4f}" for k, v in flat_metrics(metrics).items()), file=sys.stderr)
     ratios = dict(sorted(ratios.items(), key=lambda kv: [-r for r in kv[1]["ratio"]]))
-    for entry in ratios.values():
+    for ratio_name, entry in ratios.items():
+        check_one_cell(os.path.join(variant_dir, ratio_name), entry["runs"])
+        entry["cell_fingerprint"] = fingerprint(entry["runs"][0]["settings"], exclude=CELL_EXCLUDES)
         entry["summary"] = summarise(entry["runs"])
     return ratios, skipped
 
 
 # ---------------------------------------------------------------- output
 
-PRECISION_TEXT = {"bf16": "bf16 autocast (--precision fp32 for exact float32 predictions)", "fp32": "float32"}
+PRECISION_TEXT = {"bf16": "bf16 autocast (--precision fp32, the default, for exact float32 predictions)",
+                  "fp32": "float32 (exact; TF32 off on CUDA)"}
 
 
 def _fmt(mean, std):
@@ -246,12 +271,16 @@ def write_outputs(folder, variants, skipped, args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    use_exact_float32()
     device = resolve_device(args.device)
-    args.precision = resolve_precision(args.precision, device)
     variant_dirs = find_variant_dirs(args.model_root)
     if not os.path.isdir(args.test_data_root):
         raise UserError(f"--test_data_root {args.test_data_root} does not exist or is not a folder")
-    workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    for folder in dict.fromkeys([args.model_root, *variant_dirs]):   # results go there: fail before evaluating
+        ensure_output_dir(folder, "--model_root")
+    workers = args.num_workers if args.num_workers is not None else min(8, available_cpus())
     tests, models = TestImages(args.test_data_root, workers), Models(device)
     all_variants, all_skipped = {}, []
     for vdir in variant_dirs:

@@ -45,15 +45,73 @@ def test_subsample_keeps_at_least_one_and_warns_when_a_class_is_short():
 
 def test_oversampling_sampler_is_balanced_with_the_stated_epoch_length():
     labels = [0] * 1000 + [1] * 10 + [2] * 50
-    g = torch.Generator().manual_seed(0)
-    sampler = data.make_sampler(labels, 3, True, g)
-    drawn = [labels[i] for i in sampler]
-    assert len(drawn) == len(sampler) == 3 * 1000
+    batches = data.EpochBatches(labels, 3, 64, "oversample", seed=0)
+    drawn = [labels[i] for batch in batches for i, _ in batch]
+    assert len(drawn) == batches.length == 3 * 1000 and len(batches) == len(list(batches)) == 47
     freq = collections.Counter(drawn)
     for k in range(3):   # 1000 expected per class; binomial sd ~ 26, so 150 is a >5 sd margin
         assert abs(freq[k] - 1000) < 150, freq
-    plain = data.make_sampler(labels, 3, False, g)
-    assert sorted(plain) == list(range(len(labels)))
+    plain = data.EpochBatches(labels, 3, 64, "uniform", seed=0)
+    assert sorted(i for batch in plain for i, _ in batch) == list(range(len(labels)))
+
+
+def test_the_stream_is_a_function_of_seed_and_epoch_only():
+    labels = [0] * 30 + [1] * 5
+    a, b = (data.EpochBatches(labels, 2, 8, "oversample", seed=4) for _ in range(2))
+    a.set_epoch(3)
+    b.set_epoch(3)
+    assert list(a) == list(b)                                   # the same (index, draw seed) everywhere
+    b.set_epoch(4)
+    assert list(a) != list(b)
+    c = data.EpochBatches(labels, 2, 8, "oversample", seed=5)
+    c.set_epoch(3)
+    assert list(a) != list(c)
+    seeds = [s for batch in a for _, s in batch]
+    assert len(set(seeds)) == len(seeds)                        # each position draws its own augmentation
+
+
+def test_a_last_batch_of_one_image_is_left_out_and_seen_in_another_epoch():
+    labels = [0] * 12 + [1] * 5                                 # 17 = 1 mod 16
+    batches = data.EpochBatches(labels, 2, 16, "uniform", seed=1)
+    seen, left_out = set(), set()
+    for epoch in range(1, 6):
+        batches.set_epoch(epoch)
+        sizes = [len(b) for b in batches]
+        assert sizes == [16] and len(batches) == 1
+        got = {i for b in batches for i, _ in b}
+        seen |= got
+        left_out |= set(range(17)) - got
+    assert seen == set(range(17)) and len(left_out) > 1         # a different image each epoch
+    assert [len(b) for b in data.EpochBatches(labels, 2, 15, "uniform", seed=1)] == [15, 2]
+    with pytest.raises(UserError, match="at least 2"):
+        data.EpochBatches(labels, 2, 1, "uniform", seed=1)
+
+
+def test_subsets_are_nested_across_ratios_and_caps_for_one_seed():
+    images = fake_images({"a": 500, "b": 400})
+    chosen = {}
+    for r in (1, 0.1, 0.05, 0.01, 0.002):
+        paths = data.subsample(images, ["a", "b"], [1, r], 300, seed=3)[0]
+        chosen[r] = {p for p in paths if "/b/" in p}
+    ratios = sorted(chosen)
+    for small, large in zip(ratios, ratios[1:]):
+        assert chosen[small] < chosen[large], (small, large)     # strictly fewer, all of them among the larger
+    majority = [{p for p in data.subsample(images, ["a", "b"], [1, 0.1], cap, seed=3)[0] if "/a/" in p}
+                for cap in (100, 300)]
+    assert majority[0] < majority[1]
+    # a class's choice does not depend on which other classes are listed, or in which order
+    b_with_a = {p for p in data.subsample(images, ["a", "b"], [1, 0.1], 300, seed=3)[0] if "/b/" in p}
+    b_with_c = {p for p in data.subsample(fake_images({"c": 300, "b": 400}), ["c", "b"], [1, 0.1], 300,
+                                          seed=3)[0] if "/b/" in p}
+    assert b_with_a == b_with_c
+
+
+def test_rounding_of_the_ratio_is_half_up_as_documented():
+    images = fake_images({"a": 100, "b": 100})
+    # 0.045 x 100 = 4.5 -> 5 (half up; Python's round would give 4); 0.044 x 100 -> 4
+    assert data.subsample(images, ["a", "b"], [1, 0.045], None, seed=0)[2]["b"]["selected"] == 5
+    assert data.subsample(images, ["a", "b"], [1, 0.044], None, seed=0)[2]["b"]["selected"] == 4
+    assert "rounded half up" in data.subsample.__doc__
 
 
 def test_ratio_parsing_and_folder_names():
@@ -78,7 +136,8 @@ def test_paper_augmentation_draws_per_image_and_plain_leaves_pixels():
 
 def test_paper_augmentation_of_a_batch_equals_torchvision_per_image():
     """Same draws in the same order and the same pixels as v2.Compose([RandAugment, ColorJitter])
-    image by image, though the ColorJitter arithmetic runs on groups of the batch."""
+    image by image, though the ColorJitter arithmetic runs on groups of the batch: drawn from torch's
+    global generator, or from one seed per image."""
     from torchvision.transforms import v2
     gen = torch.Generator().manual_seed(1)
     flat = torch.randint(0, 256, (48, 3, 1, 1), generator=gen) * torch.rand(48, 1, 40, 40, generator=gen)
@@ -94,6 +153,16 @@ def test_paper_augmentation_of_a_batch_equals_torchvision_per_image():
     assert all(torch.equal(a, b) for a, b in zip(ours, expected))
     torch.manual_seed(0)
     assert torch.equal(data.build_augment("paper")(images[0]), expected[0])   # one image alone, too
+
+    seeds = [1000 + 7 * i for i in range(len(images))]
+    expected = []
+    for x, s in zip(images, seeds):
+        torch.manual_seed(s)
+        expected.append(reference(x))
+    state = torch.get_rng_state()
+    ours = data.build_augment("paper")(images, seeds)
+    assert torch.equal(torch.get_rng_state(), state)            # the global generator is left alone
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
 
 
 def test_cached_pixels_equal_torchvision_resize_on_pil(tmp_path):

@@ -29,14 +29,26 @@ def test_dry_run_of_the_default_grid_has_200_train_commands(capsys, tmp_path):
     assert len({l for l in lines}) == 200
 
 
-def test_completed_cells_are_skipped_and_interrupted_ones_resumed(capsys, tmp_path):
-    done = tmp_path / "baseline" / "1_0.1" / "run_1"
-    done.mkdir(parents=True)
-    (done / "summary.json").write_text("{}")
+def fake_run(run_dir, argv, cell, *files):
+    """A run folder whose config.json carries the fingerprint the plan gives cell, plus empty files."""
+    import train
+    args, passthrough = reproduce.parse(argv)
+    a = train.absolute_paths(vars(train.get_args_parser().parse_args(reproduce.fresh_command(args, passthrough,
+                                                                                                cell)[1:])))
+    settings = train.planned_settings(a, [1.0, float(cell[1].split(":")[1])], cell[2])
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"fingerprint_settings": settings}))
+    for name in files:
+        (run_dir / name).write_bytes(b"x")
+
+
+def test_completed_cells_are_skipped_and_interrupted_ones_resumed(capsys, tmp_path, image_data):
+    argv = ["--train_data_root", image_data["train"], "--classes", "water-deer", "roe-deer",
+            "--save_root", str(tmp_path)]
+    fake_run(tmp_path / "baseline" / "1_0.1" / "run_1", argv, ("baseline", "1:0.1", 1), "summary.json")
     half = tmp_path / "proposed" / "1_0.01" / "run_3"
-    half.mkdir(parents=True)
-    (half / "last.pth").write_bytes(b"x")
-    lines = plan_lines(capsys, GRID + ["--save_root", str(tmp_path)])
+    fake_run(half, argv, ("proposed", "1:0.01", 3), "last.pth")
+    lines = plan_lines(capsys, argv)
     assert len(lines) == 199
     assert f"python3 train.py --resume {half}" in lines
     assert not any("--ratio 1:0.1 " in l and "--run_id 1 " in l and "--contrastive" not in l
@@ -52,12 +64,12 @@ def test_a_real_grid_trains_once_then_skips(image_data, tmp_path, capsys):
     for v in ("baseline", "proposed"):
         assert os.path.isfile(tmp_path / v / "1_0.1" / "run_1" / "summary.json")
         assert os.path.isfile(tmp_path / v / "results.json")
-    assert json.load(open(tmp_path / "results.json"))["precision"] in ("fp32", "bf16")   # auto, resolved
+    assert json.load(open(tmp_path / "results.json"))["precision"] == "fp32"            # the default
     for name in ("table1.md", "table1.csv", "figure3.png"):
         assert os.path.getsize(tmp_path / name) > 0
     assert plan_lines(capsys, argv) == []
-    reproduce.main(argv + ["--eval_only", "--eval_precision", "fp32"])
-    assert json.load(open(tmp_path / "results.json"))["precision"] == "fp32"
+    reproduce.main(argv + ["--eval_only", "--eval_precision", "bf16"])
+    assert json.load(open(tmp_path / "results.json"))["precision"] == "bf16"
 
 
 def test_task_id_selects_one_cell_and_bad_flags_are_refused(capsys, tmp_path):

@@ -25,6 +25,20 @@ def cli(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+def default_sigint():
+    """In a child: SIGINT's default disposition, whatever was inherited (a shell's background job or nohup
+    starts it ignored, and Python then raises no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_raises():
+    """In this process: Ctrl-C raises KeyboardInterrupt, whatever disposition the test run inherited."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 # ---------------------------------------------------------------- bad flags and folders
 
 @pytest.mark.parametrize("ratio", ["1:x", "1:-0.1", "1:0", "0:1", "1:0.1:0.1"])
@@ -142,7 +156,7 @@ def uninterrupted(tmp_path_factory):
 def test_a_signal_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, sig, uninterrupted):
     args, a = uninterrupted
     proc = subprocess.Popen([sys.executable, "train.py", *args, "--save_root", str(tmp_path / "b")], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=default_sigint)
     run = tmp_path / "b" / "baseline" / "1_1" / "run_1"
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "train.log").exists():
@@ -249,7 +263,7 @@ def test_offline_imagenet_weights_leave_no_run_folder(image_data, tmp_path, monk
     assert os.listdir(tmp_path / "baseline" / "1_0.1") == []
 
 
-def test_a_signal_inside_signals_deferred_takes_effect_at_its_end():
+def test_a_signal_inside_signals_deferred_takes_effect_at_its_end(sigint_raises):
     before = signal.getsignal(signal.SIGINT)
     done = []
     with pytest.raises(KeyboardInterrupt):
@@ -260,7 +274,8 @@ def test_a_signal_inside_signals_deferred_takes_effect_at_its_end():
     assert done == ["the whole block"] and signal.getsignal(signal.SIGINT) is before
 
 
-def test_an_interrupt_while_an_epoch_is_recorded_waits_until_it_is_recorded(image_data, tmp_path, monkeypatch):
+def test_an_interrupt_while_an_epoch_is_recorded_waits_until_it_is_recorded(image_data, tmp_path, monkeypatch,
+                                                                           sigint_raises):
     import train
     real = train.append_line
 
@@ -278,3 +293,65 @@ def test_an_interrupt_while_an_epoch_is_recorded_waits_until_it_is_recorded(imag
     assert "Epoch 1/2" in log and "Interrupted during epoch 2 (KeyboardInterrupt); last.pth holds epoch 1" in log
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
+
+
+# ---------------------------------------------------------------- file systems that say no
+
+def test_an_output_location_that_cannot_be_used_is_named_before_any_work(image_data, four_variants, tmp_path):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("not a folder")
+    out = cli("train.py", *train_args(image_data["train"], in_the_way))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--save_root" in out.stderr and str(in_the_way) in out.stderr
+    save, _ = four_variants
+    out = cli("report.py", "--save_root", str(save), "--out", str(in_the_way))
+    assert out.returncode == 2 and f"error: --out {in_the_way} cannot be used" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = cli("reproduce.py", "--train_data_root", image_data["train"], "--classes", "water-deer", "roe-deer",
+              "--save_root", str(in_the_way / "runs"), "--runs", "1", "--ratios", "0.1")
+    assert out.returncode == 2 and str(in_the_way) in out.stderr and "Traceback" not in out.stderr
+    assert in_the_way.read_text() == "not a folder"                 # nothing already written is lost
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_refused_before_evaluating(four_variants, image_data, tmp_path):
+    save, _ = four_variants
+    variant = tmp_path / "baseline"
+    shutil.copytree(save / "baseline", variant)
+    os.chmod(variant, 0o555)
+    try:
+        out = cli("validation.py", "--model_root", str(variant), "--test_data_root", image_data["valid"])
+    finally:
+        os.chmod(variant, 0o755)
+    assert out.returncode == 2 and f"--model_root {variant} cannot be used" in out.stderr
+    assert "evaluated" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds the file being written through /proc")
+def test_a_full_disk_while_saving_a_checkpoint_stops_the_run_cleanly_and_resume_continues(image_data, tmp_path,
+                                                                                           monkeypatch):
+    """The background writer's write of epoch 2's last.pth fails as a full disk does (at fsync): the run
+    stops with a message naming the file, last.pth still holds epoch 1, and --resume finishes the run."""
+    import errno
+    import train
+    real_fsync, failed = os.fsync, []
+    run = tmp_path / "baseline" / "1_0.1" / "run_1"
+
+    def full_disk(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if ".last.pth." in name and (run / "last.pth").exists():       # the second last.pth: epoch 2's
+            failed.append(name)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(UserError) as e:
+        train.main(train_args(image_data["train"], str(tmp_path), "--num_epochs", "3"))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    msg = str(e.value)
+    assert failed and "could not write" in msg and str(run / "last.pth") in msg and "disk is full" in msg
+    assert "last.pth holds epoch 1" in msg and f"--resume {run}" in msg
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
+    assert not [n for n in os.listdir(run) if n.endswith(".tmp")]          # no half-written file left
+    assert "Stopped:" in (run / "train.log").read_text() and not (run / "summary.json").exists()
+    train.main(["--resume", str(run)])
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 3 and (run / "summary.json").exists()

@@ -81,21 +81,42 @@ def test_end_to_end_results_equal_a_direct_computation(four_variants, image_data
         assert (root / v / "result_log.txt").exists()
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_auto_precision_follows_the_hardware_and_is_recorded(four_variants, image_data, tmp_path, monkeypatch,
-                                                             native):
+def test_float32_is_the_default_and_bf16_an_explicit_recorded_choice(four_variants, image_data, tmp_path,
+                                                                      monkeypatch):
     save, _ = four_variants
     variant = tmp_path / "baseline"
     shutil.copytree(save / "baseline", variant)
-    monkeypatch.setattr(validation, "native_bf16", lambda device: native)
     seen = []
     real = validation.confusion_matrix
     monkeypatch.setattr(validation, "confusion_matrix", lambda *a, **k: seen.append(k["amp"]) or real(*a, **k))
-    validation.main(["--model_root", str(variant), "--test_data_root", image_data["valid"]])
-    assert seen == [native]
-    assert json.load(open(variant / "results.json"))["precision"] == ("bf16" if native else "fp32")
-    head = "# precision: bf16 autocast" if native else "# precision: float32"
-    assert head in open(variant / "result_log.txt").read()
+    for flags, amp, name, head in (([], False, "fp32", "# precision: float32"),
+                                   (["--precision", "bf16"], True, "bf16", "# precision: bf16 autocast")):
+        validation.main(["--model_root", str(variant), "--test_data_root", image_data["valid"], *flags])
+        assert seen.pop() is amp
+        assert json.load(open(variant / "results.json"))["precision"] == name
+        assert head in open(variant / "result_log.txt").read()
+    with pytest.raises(SystemExit):        # no machine-dependent choice any more
+        validation.main(["--model_root", str(variant), "--test_data_root", image_data["valid"], "--precision", "auto"])
+
+
+@pytest.mark.parametrize("cm", [[[5, 1], [2, 0]],                     # the rare class never right
+                                [[4, 0], [0, 0]],                     # a class absent from the test set
+                                [[3, 0, 1], [0, 0, 0], [2, 0, 4]],    # absent and never predicted
+                                [[7, 2, 1], [1, 3, 0], [0, 5, 6]]])
+def test_balanced_accuracy_and_macro_f1_equal_scikit_learn(cm):
+    import warnings
+    import numpy as np
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+    from model import metrics_from_confusion
+    K = len(cm)
+    y_true = [t for t in range(K) for p in range(K) for _ in range(cm[t][p])]
+    y_pred = [p for t in range(K) for p in range(K) for _ in range(cm[t][p])]
+    m = metrics_from_confusion(torch.tensor(cm), [f"c{k}" for k in range(K)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # scikit-learn warns about the absent classes, as it should
+        assert np.isclose(m["balanced_accuracy"], balanced_accuracy_score(y_true, y_pred))
+        assert np.isclose(m["macro_f1"], f1_score(y_true, y_pred, average="macro", labels=list(range(K)),
+                                                  zero_division=0))
 
 
 def test_bf16_evaluation_runs_the_model_in_bf16():
