@@ -19,8 +19,8 @@ import sys
 import threading
 import time
 
-from utils import (VARIANTS, UserError, ensure_output_dir, is_complete, parse_ratio, ratio_folder_name, run_main,
-                   setting_differences)
+from runs import absolute_paths, is_complete, planned_settings, setting_differences
+from utils import VARIANTS, UserError, ensure_output_dir, parse_ratio, ratio_folder_name, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANT_FLAGS = {"baseline": [], "contrastive": ["--contrastive"], "oversampling": ["--oversampling"],
@@ -106,8 +106,8 @@ def mismatch(args, passthrough, cell, run_dir):
     except (OSError, ValueError, KeyError):
         return "its config.json is missing, unreadable or has no fingerprint (made by an older version)"
     t = train.get_args_parser().parse_args(fresh_command(args, passthrough, cell)[1:])
-    a = train.absolute_paths(vars(t))
-    planned = train.planned_settings(a, parse_ratio(a["ratio"], a["classes"]), cell[2])
+    a = absolute_paths(vars(t))
+    planned = planned_settings(a, parse_ratio(a["ratio"], a["classes"]), cell[2])
     diff = setting_differences(recorded, planned)
     return "; ".join(f"{d} (recorded vs planned)" for d in diff) or None
 
@@ -134,7 +134,8 @@ def plan(args, passthrough):
         raise UserError(f"{len(unlike)} run folder(s) under {args.save_root} hold runs made with other settings "
                         f"than this command plans, so they cannot count as its cells; nothing was trained:\n"
                         + "\n".join(unlike[:20]) + ("\n  ..." if len(unlike) > 20 else "")
-                        + f"\nUse a new --save_root for these settings (or the original command for that one).")
+                        + "\nUse a new --save_root for these settings, or re-run with the settings those runs were "
+                          "made with.")
     return todo, done
 
 

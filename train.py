@@ -10,7 +10,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import random
 import signal
 import sys
@@ -18,17 +17,17 @@ import time
 
 import numpy as np
 import torch
-import torchvision
 from tqdm import tqdm
 
 import data
 from model import TAPPABLE, build_model, compute_loss, forward_with_taps, use_exact_float32
-from utils import (BackgroundSaver, CELL_EXCLUDES, UserError, WriteError, append_line, available_cpus, claim_run_dir,
-                   fingerprint, git_commit, is_complete, load_checkpoint, parse_ratio, ratio_folder_name, run_main,
-                   run_number, run_settings, signals_deferred, variant_name, write_json_atomic, ACC_DECIMALS)
+from runs import (ACC_DECIMALS, absolute_paths, claim_run_dir, is_complete, planned_subset, record_provenance,
+                  run_number, run_settings, set_aside_previous_attempt, set_fingerprint)
+from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, load_checkpoint, parse_ratio,
+                   ratio_folder_name, run_main, signals_deferred, variant_name, write_json_atomic)
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
-# flags that --resume accepts: they change how fast a run goes, not its result (see utils.run_settings)
+# flags that --resume accepts: they change how fast a run goes, not its result (see runs.run_settings)
 RESUME_FLAGS = ("device", "num_workers", "cache", "compile", "channels_last")
 
 
@@ -130,18 +129,6 @@ def given_flags(argv):
     return {dest for dest, v in vars(probe.parse_args(argv)).items() if v is not unset}
 
 
-def absolute_paths(a, base=None):
-    """The run's input and output paths made absolute (against base, else the working folder), so that
-    config.json names them wherever --resume is later started."""
-    a = dict(a)
-    for key in ("train_data_root", "save_root"):
-        if a.get(key):
-            a[key] = os.path.abspath(os.path.join(base or os.getcwd(), a[key]))
-    if a.get("weights") not in (None, "imagenet", "none"):
-        a["weights"] = os.path.abspath(os.path.join(base or os.getcwd(), a["weights"]))
-    return a
-
-
 def prepare_run(args, given):
     """Return (run_dir, config, start_state): a new run folder, or the one given to --resume."""
     if args.resume:
@@ -159,19 +146,6 @@ def prepare_run(args, given):
     return run_dir, cfg, None
 
 
-def set_aside_previous_attempt(run_dir):
-    """--run_id on a folder that an earlier attempt left: refuse a finished run, keep an unfinished
-    one's files under attempt_<time>/ (nothing is deleted) and start afresh."""
-    if is_complete(run_dir):
-        raise UserError(f"{run_dir} already holds a finished run; choose another --run_id")
-    old = [n for n in os.listdir(run_dir) if not n.startswith("attempt_")]
-    if old:
-        keep = os.path.join(run_dir, f"attempt_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}")
-        os.makedirs(keep)
-        for n in old:
-            os.replace(os.path.join(run_dir, n), os.path.join(keep, n))
-
-
 def prepare_resume(args, given):
     """The run's own configuration from its config.json; of the flags given with --resume only those
     that do not change the result (RESUME_FLAGS) are taken, any other is refused."""
@@ -182,6 +156,8 @@ def prepare_resume(args, given):
                         f"{' '.join('--' + f for f in refused)} would change its result and cannot be combined "
                         f"with --resume (allowed: {' '.join('--' + f for f in RESUME_FLAGS)}). "
                         f"Start a new run for other settings.")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"--resume {run_dir}: no config.json there; give a run folder made by train.py")
@@ -194,24 +170,6 @@ def prepare_resume(args, given):
     last = os.path.join(run_dir, "last.pth")
     state = load_checkpoint(last) if os.path.isfile(last) else None
     return run_dir, cfg, state
-
-
-def planned_subset(a, ratio, seed):
-    """(paths, labels, counts, notes) of the images the run is to use, before any is decoded."""
-    images = data.find_class_images(a["train_data_root"], a["classes"])
-    return data.subsample(images, a["classes"], ratio, a["max_per_class"] or None, seed)
-
-
-def planned_settings(a, ratio, seed):
-    """utils.run_settings of a run with train.py arguments a (a dict, paths absolute): what
-    reproduce.py compares with a finished run's config.json."""
-    paths = planned_subset(a, ratio, seed)[0]
-    return run_settings(a, ratio, seed, data.subset_id(paths, a["train_data_root"]))
-
-
-def set_fingerprint(cfg, settings):
-    cfg.update(fingerprint_settings=settings, fingerprint=fingerprint(settings),
-               cell_fingerprint=fingerprint(settings, exclude=CELL_EXCLUDES))
 
 
 def build_train_data(cfg, run_dir):
@@ -402,18 +360,6 @@ def main(argv=None, epoch_done=None):
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     print(f"finished {run_dir}: best epoch {best[0]}, Train Acc {best[1]:.{ACC_DECIMALS}f}", file=sys.stderr)
     return run_dir
-
-
-def record_provenance(cfg, device, state):
-    """Where and with what the run was made; a resume appends its own entry and keeps the original."""
-    here = {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": platform.python_version(), "device": str(device), "host": platform.node()}
-    if "git_commit" not in cfg:
-        cfg.update(here)
-    else:
-        resumed_at = state["epoch"] if state else 0
-        cfg.setdefault("resumed", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "from_epoch": resumed_at,
-                                              **here, "cwd": os.getcwd()})
 
 
 def train_epochs(run_dir, cfg, net, model, optimizer, loader, batches, device, start, best, epoch_done):

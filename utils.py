@@ -1,18 +1,16 @@
-"""Shared helpers: user errors, atomic files, run folders, ratios and train.log parsing.
+"""Shared helpers: user errors and file-system refusals, output folders, atomic files, signals, the
+background checkpoint writer, ratios and variant names.
 
-Everything here is plain Python (plus torch for checkpoints); the data pipeline lives in data.py and
-the model and loss in model.py.
+Everything here is plain Python (plus torch for checkpoints); run folders and their configuration live
+in runs.py, the data pipeline in data.py, the model and loss in model.py.
 """
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import math
 import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -20,12 +18,6 @@ import threading
 import torch
 
 VARIANTS = ("baseline", "contrastive", "oversampling", "proposed")
-RUN_DIR_RE = re.compile(r"^run_(\d+)$")
-# One whole epoch line of train.log, from "Epoch 3/100 | Train Acc 0.981250 | " to its fixed ending
-# "... 12.3s 190 img/s data_wait 1.5%": a line cut off by a crash does not match.
-EPOCH_LINE_RE = re.compile(r"^Epoch (\d+)/(\d+) \| Train Acc (\d+\.\d+|nan) \| .* \| "
-                           r"[\d.]+s [\d.]+ img/s data_wait [\d.]+%\n$")
-ACC_DECIMALS = 6  # Train Acc is logged and compared at this precision, so train.log decides as train.py did
 
 
 _UMASK = os.umask(0)
@@ -245,122 +237,10 @@ def append_line(path, line):
 
 # ---------------------------------------------------------------- run folders
 
-def claim_run_dir(parent, run_id=None):
-    """Create and return parent/run_X. X is the lowest free number, claimed with an atomic mkdir, so
-    trainings started together never share a folder (mkdir is atomic on local and NFS file systems
-    alike). With run_id, exactly run_<run_id>. A folder that cannot be made raises WriteError."""
-    try:
-        os.makedirs(parent, exist_ok=True)
-        if run_id is not None:
-            path = os.path.join(parent, f"run_{run_id}")
-            os.makedirs(path, exist_ok=True)
-            return path
-        x = 1
-        while True:
-            path = os.path.join(parent, f"run_{x}")
-            try:
-                os.mkdir(path)
-                return path
-            except FileExistsError:
-                if not os.path.isdir(path):
-                    raise
-                x += 1
-    except OSError as e:
-        raise WriteError(f"--save_root: cannot create a run folder under {parent}: {describe_os_error(e, parent)}; "
-                         f"give a writable --save_root")
-
-
-def run_number(run_dir):
-    m = RUN_DIR_RE.match(os.path.basename(os.path.normpath(run_dir)))
-    return int(m.group(1)) if m else None
-
-
-def is_complete(run_dir):
-    """A run is complete once train.py wrote summary.json, after its last epoch."""
-    return os.path.isfile(os.path.join(run_dir, "summary.json"))
-
-
-def git_commit():
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
 
 # ---------------------------------------------------------------- run fingerprints
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def run_settings(args, ratio, seed, planned_subset):
-    """Everything that changes a run's result, as plain values: the data (absolute root, classes, ratio,
-    cap, the planned subset's sha1), the method (variant flags; the contrastive layers and weight only
-    when the contrastive term is on), the optimisation (epochs, batch, lr, optimizer, image size,
-    initial weights: a file by its sha256, augmentation, bf16 autocast) and the seed. Not the device,
-    workers, cache, compile, channels_last or where outputs go: they change how fast, not what.
-    args: train.py's arguments as a dict (paths already absolute)."""
-    weights = args["weights"]
-    if weights not in ("imagenet", "none") and os.path.isfile(weights):
-        weights = "sha256:" + file_sha256(weights)
-    s = {"train_data_root": args["train_data_root"], "classes": list(args["classes"]), "ratio": list(ratio),
-         "max_per_class": args["max_per_class"], "img_size": args["img_size"], "num_epochs": args["num_epochs"],
-         "batch_size": args["batch_size"], "lr": args["lr"], "optimizer": args["optimizer"], "weights": weights,
-         "augment": args["augment"], "amp": args["amp"], "contrastive": bool(args["contrastive"]),
-         "oversampling": bool(args["oversampling"])}
-    if args["contrastive"]:
-        s.update(contrastive_layers=list(args["contrastive_layers"]), contrastive_weight=args["contrastive_weight"])
-    s.update(seed=seed, planned_subset_sha1=planned_subset)
-    return s
-
-
-CELL_EXCLUDES = ("seed", "planned_subset_sha1")   # what differs between the runs of one cell by design
-
-
-def fingerprint(settings, exclude=()):
-    """sha256 (first 16 hex digits) of the settings' canonical JSON, leaving out the keys in exclude."""
-    kept = {k: v for k, v in settings.items() if k not in exclude}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
-
-def setting_differences(a, b, exclude=()):
-    """'name: A vs B' for every setting that differs between two settings dicts."""
-    keys = [k for k in dict.fromkeys([*a, *b]) if k not in exclude and a.get(k) != b.get(k)]
-    return [f"{k}: {a.get(k, '(unset)')!r} vs {b.get(k, '(unset)')!r}" for k in keys]
 
 
 # ---------------------------------------------------------------- train.log
 
-def parse_train_log(path):
-    """Read train.log -> list of (epoch, train_acc) from its well-formed epoch lines.
 
-    Lines that are cut off, malformed or not valid UTF-8 are ignored (a crash can leave half a line).
-    When an epoch appears twice (a resumed run redid it), the later line wins.
-    """
-    by_epoch = {}
-    with open(path, "rb") as f:
-        for raw in f:
-            line = raw.decode("utf-8", errors="replace")
-            m = EPOCH_LINE_RE.match(line)
-            if not m:
-                continue
-            acc = float(m.group(3))
-            if math.isfinite(acc):
-                by_epoch[int(m.group(1))] = acc
-    return sorted(by_epoch.items())
-
-
-def best_epoch(epochs):
-    """The epoch with the highest Train Acc; ties go to the earliest such epoch (the rule train.py
-    uses when it writes best.pth: only a strictly higher accuracy replaces the best)."""
-    best = None
-    for epoch, acc in epochs:
-        if best is None or acc > best[1]:
-            best = (epoch, acc)
-    return best

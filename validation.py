@@ -20,9 +20,10 @@ import torch
 import data
 from model import build_model, confusion_matrix, metrics_from_confusion, use_exact_float32
 from train import resolve_device
-from utils import (CELL_EXCLUDES, RUN_DIR_RE, UserError, available_cpus, best_epoch, ensure_output_dir, fingerprint,
-                   is_complete, load_checkpoint, parse_train_log, run_main, run_number, run_settings,
-                   setting_differences, write_json_atomic, write_text_atomic)
+from runs import (CELL_EXCLUDES, RUN_DIR_RE, best_epoch, fingerprint, is_complete, parse_train_log, run_number,
+                  run_settings, setting_differences)
+from utils import (UserError, available_cpus, ensure_output_dir, load_checkpoint, run_main, write_json_atomic,
+                   write_text_atomic)
 
 
 def get_args_parser():

@@ -31,11 +31,12 @@ def test_dry_run_of_the_default_grid_has_200_train_commands(capsys, tmp_path):
 
 def fake_run(run_dir, argv, cell, *files):
     """A run folder whose config.json carries the fingerprint the plan gives cell, plus empty files."""
+    import runs
     import train
     args, passthrough = reproduce.parse(argv)
-    a = train.absolute_paths(vars(train.get_args_parser().parse_args(reproduce.fresh_command(args, passthrough,
+    a = runs.absolute_paths(vars(train.get_args_parser().parse_args(reproduce.fresh_command(args, passthrough,
                                                                                                 cell)[1:])))
-    settings = train.planned_settings(a, [1.0, float(cell[1].split(":")[1])], cell[2])
+    settings = runs.planned_settings(a, [1.0, float(cell[1].split(":")[1])], cell[2])
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"fingerprint_settings": settings}))
     for name in files:

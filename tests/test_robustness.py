@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageFile
 
 import data
+import runs
 import utils
 from conftest import ROOT, make_image_folder, run_train, train_args
 from utils import UserError
@@ -176,7 +177,7 @@ def test_a_signal_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_ru
 
 def _claim(parent, barrier, out):
     barrier.wait()
-    out.put(utils.claim_run_dir(parent))
+    out.put(runs.claim_run_dir(parent))
 
 
 def test_runs_started_together_get_distinct_folders(tmp_path):

@@ -10,7 +10,8 @@ import reproduce
 import train
 import validation
 from conftest import train_args
-from utils import UserError, fingerprint
+from runs import fingerprint
+from utils import UserError
 
 
 def grid_argv(image_data, save_root, *extra):

@@ -7,7 +7,7 @@ import torch
 
 import train
 from conftest import run_train, train_args
-from utils import parse_train_log
+from runs import parse_train_log
 
 RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "best.pth", "last.pth", "summary.json"}
 

@@ -14,7 +14,8 @@ from torchvision import transforms
 import validation
 from conftest import ROOT
 from model import confusion_matrix
-from utils import UserError, best_epoch, parse_train_log
+from runs import best_epoch, parse_train_log
+from utils import UserError
 
 
 def write_log(path, text, mode="w"):
