@@ -6,7 +6,8 @@
 Cell (variant, ratio, k) trains into <save_root>/<variant>/<ratio>/run_k. Re-running the same command
 trains only what is missing: finished runs (summary.json) are skipped, interrupted ones resumed from
 their last.pth. --dry_run prints the plan, one train.py command per line. --task_id I runs the I-th
-cell of the full grid only (one Slurm array task; see README.md).
+cell of the full grid only (one Slurm array task); --slurm writes and submits the array job and its
+evaluation job (slurm.py; see README.md).
 """
 import argparse
 import concurrent.futures as cf
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 
+import slurm
 from runs import absolute_paths, is_complete, planned_settings, setting_differences
 from utils import VARIANTS, UserError, ensure_output_dir, parse_ratio, ratio_folder_name, run_main
 
@@ -47,6 +49,13 @@ def get_args_parser():
     p.add_argument("--eval_precision", choices=("fp32", "bf16"), default="fp32",
                    help="validation.py --precision (default fp32: exact float32; bf16 is faster where native)")
     p.add_argument("--paper", choices=["coarse", "fine"], default=None, help="show the paper's Table 1 beside ours")
+    g = p.add_argument_group("Slurm")
+    g.add_argument("--slurm", action="store_true", help="write <save_root>/slurm/train_array.sbatch (one task per "
+                   "cell still to train) and eval.sbatch (after the array, afterany), and submit both with sbatch; "
+                   "with --dry_run only write them and print the sbatch commands")
+    g.add_argument("--slurm_args", default="", help="the site's #SBATCH options for both jobs, one string, "
+                   "e.g. --slurm_args=\"--partition=gpu --gres=gpu:1 --time=04:00:00 --mem=32G\"")
+    g.add_argument("--max_parallel", type=int, default=None, help="at most N array tasks at once (the array's %%N)")
     return p
 
 
@@ -60,8 +69,12 @@ def parse(argv):
         if any(a == flag or a.startswith(flag + "=") for a in passthrough):
             raise UserError(f"{flag} cannot be passed through reproduce.py: it sets it per cell "
                             f"(each run_k is seeded with k)")
-    if args.runs < 1 or args.jobs < 1 or args.jobs_per_gpu < 1:
-        raise UserError("--runs, --jobs and --jobs_per_gpu must be at least 1")
+    if args.runs < 1 or args.jobs < 1 or args.jobs_per_gpu < 1 or (args.max_parallel or 1) < 1:
+        raise UserError("--runs, --jobs, --jobs_per_gpu and --max_parallel must be at least 1")
+    if args.slurm and (args.task_id is not None or args.eval_only or args.gpus):
+        raise UserError("--slurm submits the whole grid; it cannot be combined with --task_id, --eval_only or --gpus")
+    if (args.slurm_args or args.max_parallel) and not args.slurm:
+        raise UserError("--slurm_args and --max_parallel go with --slurm")
     for r in args.ratios:
         parse_ratio(ratio_string(r, args.classes), args.classes)
     return args, passthrough
@@ -205,8 +218,16 @@ def train_all(args, todo):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, passthrough = parse(argv)
     todo, done = plan(args, passthrough) if not args.eval_only else ([], 0)
+    if args.slurm:
+        ensure_output_dir(args.save_root, "--save_root")
+        index = {cell: i for i, cell in enumerate(grid(args))}
+        print(f"{len(todo)} cell(s) to train, {done} already complete, under {args.save_root}", flush=True)
+        slurm.submit(args.save_root, argv, [index[cell] for cell, _, _ in todo], args.slurm_args,
+                     args.max_parallel, evaluate=bool(args.test_data_root), dry_run=args.dry_run)
+        return
     if args.dry_run:
         for _, _, cmd in todo:
             print(shlex.join(["python3", *cmd]))
@@ -216,18 +237,27 @@ def main(argv=None):
     print(f"{len(todo)} run(s) to train, {done} already complete, under {args.save_root}", flush=True)
     failed = train_all(args, todo) if todo else []
     if args.task_id is None and args.test_data_root:
-        import report
-        import validation
-        val = ["--model_root", args.save_root, "--test_data_root", args.test_data_root, "--classes", *args.classes,
-               "--precision", args.eval_precision]
-        try:
-            validation.main(val)
-        except SystemExit as e:
-            if e.code:
-                raise UserError(f"validation.py evaluated nothing under {args.save_root}")
-        report.main(["--save_root", args.save_root] + (["--paper", args.paper] if args.paper else []))
+        evaluate(args)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {' '.join(failed)}; re-run the same command to retry them")
+
+
+def evaluate(args):
+    """validation.py on the whole save root, then report.py; first, the planned cells without a finished run."""
+    import report
+    import validation
+    missing = [d for d in (cell_command(args, [], cell)[0] for cell in grid(args)) if not is_complete(d)]
+    if missing:
+        print(f"{len(missing)} planned cell(s) have no finished run (failed, or not run yet), left out of the "
+              f"tables:\n" + "\n".join(f"  missing {d}" for d in missing), flush=True)
+    val = ["--model_root", args.save_root, "--test_data_root", args.test_data_root, "--classes", *args.classes,
+           "--precision", args.eval_precision]
+    try:
+        validation.main(val)
+    except SystemExit as e:
+        if e.code:
+            raise UserError(f"validation.py evaluated nothing under {args.save_root}")
+    report.main(["--save_root", args.save_root] + (["--paper", args.paper] if args.paper else []))
 
 
 def _on_sigterm(signum, frame):

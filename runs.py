@@ -158,10 +158,17 @@ def git_commit():
         return None
 
 
+SLURM_ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+             "node": "SLURMD_NODENAME"}
+
+
 def record_provenance(cfg, device, state):
-    """Where and with what the run was made; a resume appends its own entry and keeps the original."""
+    """Where and with what the run was made (with the Slurm job, array task and node when it ran as one);
+    a resume appends its own entry and keeps the original."""
     here = {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "device": str(device), "host": platform.node()}
+    if "SLURM_JOB_ID" in os.environ:
+        here["slurm"] = {k: os.environ.get(v) for k, v in SLURM_ENV.items()}
     if "git_commit" not in cfg:
         cfg.update(here)
     else:
