@@ -198,7 +198,8 @@ def build_train_data(cfg, run_dir):
             raise UserError(f"class {c!r} has no readable image left in {a['train_data_root']}")
     used = data.subset_id(paths, a["train_data_root"])
     if cfg.get("subset_sha1") not in (None, used):
-        raise UserError(f"{a['train_data_root']} changed since {run_dir} started: the chosen images differ; "
+        raise UserError(f"the images chosen from {a['train_data_root']} differ from those {run_dir} started with "
+                        f"(the folder changed, or the run was made by a version that chose images differently); "
                         f"start a new run instead of --resume")
     cfg.update(counts=counts, notes=notes, subset_sha1=used, n_bad_images=len(bad),
                bad_images=[p for _, p, _ in bad], cache_bytes=int(cache.numel()) if cache is not None else 0)

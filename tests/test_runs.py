@@ -113,3 +113,15 @@ def test_resume_works_from_any_folder_refuses_result_changing_flags_and_keeps_pr
     a = torch.load(run / "last.pth", weights_only=True)["model"]
     b = torch.load(os.path.join(straight, "last.pth"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_when_the_chosen_images_changed(image_data, tmp_path):
+    folder = tmp_path / "train"
+    shutil.copytree(image_data["train"], folder)
+    with pytest.raises(SystemExit):
+        train.main(train_args(str(folder), tmp_path / "runs", "--num_epochs", "2"), epoch_done=interrupt_after_epoch(1))
+    run = tmp_path / "runs" / "baseline" / "1_0.1" / "run_1"
+    shutil.copy(folder / "water-deer" / "000.jpg", folder / "water-deer" / "new.jpg")   # 41 majority images now
+    with pytest.raises(UserError, match="differ from those .* started with"):
+        train.main(["--resume", str(run)])
+    assert not (run / "summary.json").exists()
