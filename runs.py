@@ -1,5 +1,6 @@
 """Runs: claiming a run folder, what its config.json records (paths, fingerprint, provenance) and
 reading its train.log. train.py writes runs, reproduce.py plans them, validation.py reads them."""
+import functools
 import hashlib
 import json
 import math
@@ -89,6 +90,14 @@ def absolute_paths(a, base=None):
 # ---------------------------------------------------------------- fingerprints
 
 def file_sha256(path):
+    """sha256 of a file; remembered per (path, size, mtime), so that planning a grid of many cells that
+    share one --weights file reads it once."""
+    st = os.stat(path)
+    return _sha256_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path, size, mtime_ns):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -44,7 +44,8 @@ def get_args_parser():
     g = p.add_argument_group("method")
     g.add_argument("--contrastive", action="store_true", help="add the feature-similarity loss (eq. 3)")
     g.add_argument("--oversampling", action="store_true",
-                   help="WeightedRandomSampler to 1:1 class balance; epoch = #classes x largest class count")
+                   help="1:1 class balance: draws with replacement at probability 1 / class count (as "
+                   "WeightedRandomSampler); epoch = #classes x largest class count")
     g.add_argument("--contrastive_layers", nargs="+", default=["layer3", "layer4"],
                    help="ResNet stages tapped for L_c (paper: layer3 layer4)")
     g.add_argument("--contrastive_weight", type=float, default=1.0, help="weight of sum_l L_c^l (paper: 1)")

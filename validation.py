@@ -139,6 +139,23 @@ def check_one_cell(ratio_dir, runs):
                         f"as one cell: {'; '.join(diff)}. Move the unlike runs to their own save root.")
 
 
+def check_cells(variant_dir):
+    """Before anything is evaluated: check_one_cell on the finished runs of every ratio folder (their
+    config.json alone; runs that cannot be read are skipped later with their reason)."""
+    by_ratio = {}
+    for ratio_name, run_dir in list_runs(variant_dir):
+        try:
+            with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+                cfg = json.load(f)
+            settings = cell_settings(cfg)
+        except (OSError, ValueError, KeyError):
+            continue
+        if is_complete(run_dir):
+            by_ratio.setdefault(ratio_name, []).append({"run_dir": run_dir, "settings": settings})
+    for ratio_name, runs in by_ratio.items():
+        check_one_cell(os.path.join(variant_dir, ratio_name), runs)
+
+
 class TestImages:
     """Test images decoded once per (image size, classes) and shared by every run that needs them."""
 
@@ -229,7 +246,6 @@ def evaluate_variant(variant_dir, args, tests, models):
             f"{k} {v:.4f}" for k, v in flat_metrics(metrics).items()), file=sys.stderr)
     ratios = dict(sorted(ratios.items(), key=lambda kv: [-r for r in kv[1]["ratio"]]))
     for ratio_name, entry in ratios.items():
-        check_one_cell(os.path.join(variant_dir, ratio_name), entry["runs"])
         entry["cell_fingerprint"] = fingerprint(entry["runs"][0]["settings"], exclude=CELL_EXCLUDES)
         entry["summary"] = summarise(entry["runs"])
     return ratios, skipped
@@ -281,6 +297,8 @@ def main(argv=None):
         raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     for folder in dict.fromkeys([args.model_root, *variant_dirs]):   # results go there: fail before evaluating
         ensure_output_dir(folder, "--model_root")
+    for vdir in variant_dirs:
+        check_cells(vdir)
     workers = args.num_workers if args.num_workers is not None else min(8, available_cpus())
     tests, models = TestImages(args.test_data_root, workers), Models(device)
     all_variants, all_skipped = {}, []

@@ -60,11 +60,14 @@ def test_reproduce_refuses_a_save_root_holding_runs_of_other_settings(image_data
     assert "1 cell(s) already complete" in capsys.readouterr().err
 
 
-def test_validation_never_pools_runs_of_different_settings_in_one_row(image_data, tmp_path):
+def test_validation_never_pools_runs_of_different_settings_in_one_row(image_data, tmp_path, monkeypatch):
     train.main(train_args(image_data["train"], tmp_path))
     train.main(train_args(image_data["train"], tmp_path, "--img_size", "40"))       # run_2 of the same cell folder
+    evaluated, real = [], validation.evaluate_run
+    monkeypatch.setattr(validation, "evaluate_run", lambda *a, **k: evaluated.append(1) or real(*a, **k))
     with pytest.raises(UserError) as e:
         validation.main(["--model_root", str(tmp_path / "baseline"), "--test_data_root", image_data["valid"]])
+    assert evaluated == []                                       # refused before evaluating anything
     msg = str(e.value)
     assert "1_0.1" in msg and "img_size: 32 vs 40" in msg and "run_1" in msg and "run_2" in msg
     shutil.rmtree(tmp_path / "baseline" / "1_0.1" / "run_2")
@@ -125,3 +128,18 @@ def test_resume_refuses_when_the_chosen_images_changed(image_data, tmp_path):
     with pytest.raises(UserError, match="differ from those .* started with"):
         train.main(["--resume", str(run)])
     assert not (run / "summary.json").exists()
+
+
+def test_a_weights_file_enters_the_fingerprint_by_its_content(tmp_path):
+    import runs
+    path = tmp_path / "init.pth"
+    args = {"train_data_root": "/d", "classes": ["a", "b"], "max_per_class": 10, "img_size": 32, "num_epochs": 1,
+            "batch_size": 16, "lr": 0.001, "optimizer": "adam", "weights": str(path), "augment": "paper",
+            "amp": True, "contrastive": False, "oversampling": False}
+    torch.save({"w": torch.zeros(3)}, path)
+    first = runs.run_settings(args, [1.0, 0.1], 1, "x")
+    assert first["weights"].startswith("sha256:")
+    torch.save({"w": torch.ones(3)}, path)
+    os.utime(path, ns=(1, 10 ** 18))                            # another mtime, whatever the clock's resolution
+    assert runs.run_settings(args, [1.0, 0.1], 1, "x")["weights"] != first["weights"]
+    assert runs.run_settings({**args, "weights": "none"}, [1.0, 0.1], 1, "x")["weights"] == "none"
