@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,13 @@ def get_args_parser():
     p.add_argument("--work_dir", default=os.path.join(HERE, "bench_out"))
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 dense peak in TFLOP/s "
                    "(e.g. 989 for an H100 SXM), to report the fraction of it that training reaches")
+    p.add_argument("--train_flags", default="", help="extra train.py flags for the train measurement, mirrored "
+                   "in its compute-only limit where they change it: e.g. --train_flags=\"--no-amp --compile\"")
+    p.add_argument("--skip", nargs="+", default=[], choices=["naive", "eval"], help="leave out the naive loop "
+                   "and/or the evaluation comparison")
+    p.add_argument("--concurrent", nargs="+", type=int, default=[], help="also measure the total training img/s "
+                   "of N train.py processes started together on the device (first image and batch size), "
+                   "e.g. 1 2 4 8")
     p.add_argument("--measure", help=argparse.SUPPRESS)   # internal: one measurement in this process
     p.add_argument("--img_size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
@@ -129,21 +137,32 @@ def reference_transform(img_size, augment):
     return T.Compose([T.Resize((img_size, img_size)), *aug, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def train_options(args, device):
+    """(bf16 autocast, torch.compile) as train.py runs them with --train_flags on this device."""
+    import train
+    t = train.get_args_parser().parse_args(shlex.split(args.train_flags))
+    return device.type == "cuda" and t.amp, t.compile
+
+
 def compute_stepper(args, device):
     """-> step(contrastive): one train step of the same model, optimizer and loss on one ready batch
-    already on the device (no loader, no decoding): the model's compute-only limit."""
+    already on the device (no loader, no decoding): the model's compute-only limit, with train.py's
+    autocast and compile choices (--train_flags)."""
     import torch
     from model import compute_loss
     from train import Tapped
     cuda = device.type == "cuda"
+    amp, compiled = train_options(args, device)
     model, opt = model_and_optimizer(device)
     nets = {False: Tapped(model, ()), True: Tapped(model, ("layer3", "layer4"))}
+    if compiled:
+        nets = {k: torch.compile(v) for k, v in nets.items()}
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if cuda else x
     y = torch.arange(args.batch_size, device=device) % 2
 
     def step(contrastive):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits, feats = nets[contrastive](x)
         loss, _ = compute_loss(logits, feats, y)
         opt.zero_grad(set_to_none=True)
@@ -191,7 +210,7 @@ def measure_train(args, epochs=6):
     argv = ["--train_data_root", os.path.join(args.work_dir, "train"), "--classes", *CLASSES, "--ratio", "1:1",
             "--save_root", save, "--num_epochs", str(epochs), "--img_size", str(args.img_size), "--weights",
             "none", "--batch_size", str(args.batch_size), "--device", args.device, "--seed", "0",
-            "--max_per_class", str(args.train_cap)]
+            "--max_per_class", str(args.train_cap), *shlex.split(args.train_flags)]
     if args.num_workers is not None:
         argv += ["--num_workers", str(args.num_workers)]
     device = _device(args.device)
@@ -323,7 +342,7 @@ def run_measure(args):
 def child(args, name, size, batch, steps, train_cap=0):
     cmd = [sys.executable, os.path.abspath(__file__), "--measure", name, "--img_size", str(size),
            "--batch_size", str(batch), "--steps", str(steps), "--device", args.device, "--work_dir", args.work_dir,
-           "--eval_runs", str(args.eval_runs), "--train_cap", str(train_cap)]
+           "--eval_runs", str(args.eval_runs), "--train_cap", str(train_cap), f"--train_flags={args.train_flags}"]
     if args.num_workers is not None:
         cmd += ["--num_workers", str(args.num_workers)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -333,23 +352,67 @@ def child(args, name, size, batch, steps, train_cap=0):
     return json.loads(line[-1][6:])
 
 
+def measure_eval_size(args, size):
+    """The evaluation comparison at one image size, in a child process; printed and returned."""
+    e = child(args, "eval", size, 64, args.steps)
+    e["img_size"] = size
+    images = e["runs"] * e["test_images"]
+    e["validation_img_per_s"], e["validation_bf16_img_per_s"] = images / e["validation_s"], images / e["validation_bf16_s"]
+    print(f"evaluation of {e['runs']} runs at {size} px: validation.py {e['validation_s']:.1f}s (fp32, the "
+          f"default; {e['validation_img_per_s']:.0f} img/s), {e['validation_bf16_s']:.1f}s (--precision bf16; "
+          f"{e['validation_bf16_img_per_s']:.0f} img/s); one by one (fp32) {e['one_by_one_s']:.1f}s; "
+          f"speedup {e['eval_speedup']:.2f}x ({e['eval_speedup_bf16']:.2f}x with bf16); fp32 predictions equal "
+          f"one by one: {e['fp32_same_correct_as_one_by_one']}; correct per run, bf16 minus one by one: "
+          f"{e['bf16_correct_minus_one_by_one']}", flush=True)
+    return e
+
+
 def measure_config(args, size, batch, cpu):
     """compute, train and naive for one image size and batch size -> dict with the ratios."""
     big = args.quick and cpu and size > 128
     b, steps, cap = (min(batch, 16), max(3, args.steps // 4), 64) if big else (batch, args.steps, 0)
     r = {"img_size": size, "batch_size": b}
-    for m in ("compute", "train", "naive"):
+    for m in [m for m in ("compute", "train", "naive") if m not in args.skip]:
         r[m] = child(args, m, size, b, steps, cap)
         print(f"{size} px, batch {b}, {m:<7}: {r[m]['img_per_s']:8.1f} img/s, peak RSS {r[m]['peak_rss_MiB']:.0f} MiB"
               + (f", CUDA {r[m]['peak_cuda_MiB']:.0f} MiB" if "peak_cuda_MiB" in r[m] else ""), flush=True)
     r["train_vs_compute_limit"] = r["train"]["vs_compute_limit"]
-    r["train_vs_naive"] = r["train"]["img_per_s"] / r["naive"]["img_per_s"]
+    r["train_vs_naive"] = r["train"]["img_per_s"] / r["naive"]["img_per_s"] if "naive" in r else None
     r["contrastive_overhead"] = r["compute"]["contrastive_overhead"]
-    print(f"{size} px, batch {b}: train {r['train']['img_per_s']:.1f} img/s vs compute limit "
+    print(f"{size} px, batch {b}{' ' + args.train_flags if args.train_flags else ''}: train "
+          f"{r['train']['img_per_s']:.1f} img/s vs compute limit "
           f"{r['train']['compute_img_per_s']:.1f} img/s in the same process = {r['train_vs_compute_limit']:.3f}; "
-          f"train/naive {r['train_vs_naive']:.2f}x; contrastive overhead {r['contrastive_overhead']:.3f}; "
+          + (f"train/naive {r['train_vs_naive']:.2f}x; " if r["train_vs_naive"] else "")
+          + f"contrastive overhead {r['contrastive_overhead']:.3f}; "
           f"data wait {r['train']['data_wait_fraction']:.1%}; image cache {r['train']['cache_MiB']:.0f} MiB", flush=True)
     return r
+
+
+def measure_concurrent(args, size, batch, n, epochs=6):
+    """Total training img/s of n train.py processes started together on the device, each in its own
+    run folder and seed: the sum over runs of each run's median epoch rate over epochs 2..epochs (while
+    all of them train), and the whole job's images / wall time (start-up and decoding included)."""
+    save = os.path.join(args.work_dir, f"concurrent_{size}_{batch}_{n}")
+    shutil.rmtree(save, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--train_data_root", os.path.join(args.work_dir, "train"),
+           "--classes", *CLASSES, "--ratio", "1:1", "--save_root", save, "--num_epochs", str(epochs),
+           "--img_size", str(size), "--weights", "none", "--batch_size", str(batch), "--device", args.device,
+           *shlex.split(args.train_flags)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd + ["--run_id", str(k), "--seed", str(k)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for k in range(1, n + 1)]
+    errors = [p.communicate()[1] for p in procs]
+    wall = time.perf_counter() - t0
+    if any(p.returncode for p in procs):
+        sys.exit(f"bench: {n} concurrent train.py runs failed:\n{errors[0][-3000:]}")
+    rates, images = [], 0
+    for k in range(1, n + 1):
+        with open(os.path.join(save, "baseline", "1_1", f"run_{k}", "metrics.jsonl")) as f:
+            per_epoch = [json.loads(l) for l in f]
+        rates.append(float(np.median([m["img_per_s"] for m in per_epoch[1:]])))
+        images += sum(m["images"] for m in per_epoch)
+    return {"runs": n, "img_size": size, "batch_size": batch, "total_img_per_s": sum(rates),
+            "per_run_img_per_s": rates, "whole_job_img_per_s": images / wall}
 
 
 def throughput_figures(c, peak_tflops):
@@ -385,33 +448,36 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({available_cpus()} cores, {platform.processor() or platform.machine()})"
     configs = [measure_config(args, size, batch, device.type == "cpu")
                for size in args.img_sizes for batch in args.batch_sizes]
-    evals = []
-    for size in args.eval_sizes or args.img_sizes:
-        e = child(args, "eval", size, 64, args.steps)
-        e["img_size"] = size
-        evals.append(e)
-        print(f"evaluation of {e['runs']} runs at {size} px: validation.py {e['validation_s']:.1f}s (fp32, the "
-              f"default), {e['validation_bf16_s']:.1f}s (--precision bf16); one by one (fp32) {e['one_by_one_s']:.1f}s; "
-              f"speedup {e['eval_speedup']:.2f}x ({e['eval_speedup_bf16']:.2f}x with bf16); fp32 predictions equal "
-              f"one by one: {e['fp32_same_correct_as_one_by_one']}; correct per run, bf16 minus one by one: "
-              f"{e['bf16_correct_minus_one_by_one']}", flush=True)
+    evals = [] if "eval" in args.skip else [measure_eval_size(args, size) for size in args.eval_sizes or args.img_sizes]
+    concurrent = []
+    for n in args.concurrent:
+        c = measure_concurrent(args, args.img_sizes[0], args.batch_sizes[0], n)
+        concurrent.append(c)
+        print(f"{n} concurrent train.py run(s) at {c['img_size']} px, batch {c['batch_size']}: "
+              f"{c['total_img_per_s']:.1f} img/s in all ({c['total_img_per_s'] / concurrent[0]['total_img_per_s']:.2f}x "
+              f"the first count's), whole job {c['whole_job_img_per_s']:.1f} img/s; paper grid at this rate: "
+              f"{paper_grid_images() / c['total_img_per_s'] / 3600:.1f} h", flush=True)
     first = configs[0]
-    summary = {"device": name, "img_size": args.img_sizes,
-               "train_vs_naive": round(first["train_vs_naive"], 3),
+    summary = {"device": name, "img_size": args.img_sizes, "train_flags": args.train_flags,
+               "train_vs_naive": round(first["train_vs_naive"], 3) if first["train_vs_naive"] else None,
                "train_vs_compute_limit": round(first["train_vs_compute_limit"], 3),
                "contrastive_overhead": round(first["contrastive_overhead"], 3),
-               "eval_speedup": round(evals[0]["eval_speedup"], 3), "eval_img_size": evals[0]["img_size"],
+               "eval_speedup": round(evals[0]["eval_speedup"], 3) if evals else None,
+               "eval_img_size": evals[0]["img_size"] if evals else None,
                "per_config": [_round({
                    "img_size": c["img_size"], "batch_size": c["batch_size"],
                    "train_img_per_s": c["train"]["img_per_s"], "compute_img_per_s": c["train"]["compute_img_per_s"],
-                   "naive_img_per_s": c["naive"]["img_per_s"], "train_vs_compute_limit": c["train_vs_compute_limit"],
+                   "naive_img_per_s": c["naive"]["img_per_s"] if "naive" in c else None,
+                   "train_vs_compute_limit": c["train_vs_compute_limit"],
                    "train_vs_naive": c["train_vs_naive"], "contrastive_overhead": c["contrastive_overhead"],
                    "data_wait_fraction": c["train"]["data_wait_fraction"], "cache_MiB": c["train"]["cache_MiB"],
-                   "peak_rss_MiB": {m: c[m]["peak_rss_MiB"] for m in ("compute", "train", "naive")},
-                   "peak_cuda_MiB": {m: c[m].get("peak_cuda_MiB") for m in ("compute", "train", "naive")},
+                   "peak_rss_MiB": {m: c[m]["peak_rss_MiB"] for m in ("compute", "train", "naive") if m in c},
+                   "peak_cuda_MiB": {m: c[m].get("peak_cuda_MiB") for m in ("compute", "train", "naive") if m in c},
                    **throughput_figures(c, args.peak_tflops)})
                    for c in configs],
-               "eval": [_round(e) for e in evals]}
+               "eval": [_round(e) for e in evals],
+               "concurrent": [_round({**c, "paper_grid_hours": paper_grid_images() / c["total_img_per_s"] / 3600})
+                              for c in concurrent]}
     print(json.dumps(summary))
 
 
