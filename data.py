@@ -175,6 +175,13 @@ def _as_list(items):
     return items
 
 
+def decode_batches(paths, size, batch_size=64, num_workers=0, mp_context=None):
+    """Decode paths in order, in parallel workers -> batches of [(index, uint8 array (S, S, 3) or None,
+    reason it is not an image or None)]: the one decoding of training, evaluation and prediction."""
+    return DataLoader(_Decode(paths, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
+                      multiprocessing_context=mp_context if num_workers else None)
+
+
 def decode_all(paths, size, num_workers=0, keep=True, progress=None, mp_context=None):
     """Decode every path once, in parallel workers (mp_context: a start method name or context for
     them; None = Python's default).
@@ -182,11 +189,9 @@ def decode_all(paths, size, num_workers=0, keep=True, progress=None, mp_context=
     Returns (images, bad): images is a uint8 tensor (N_good, 3, size, size) in the order of the good
     paths (None when keep=False, i.e. only checking); bad is a list of (index, path, reason).
     """
-    loader = DataLoader(_Decode(paths, size), batch_size=64, num_workers=num_workers, collate_fn=_as_list,
-                        multiprocessing_context=mp_context if num_workers else None)
     images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8) if keep else None
     good, bad = [], []
-    for batch in loader:
+    for batch in decode_batches(paths, size, num_workers=num_workers, mp_context=mp_context):
         for i, arr, reason in batch:
             if arr is None:
                 bad.append((i, paths[i], reason))

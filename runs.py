@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import data
-from utils import UserError, WriteError, describe_os_error
+from utils import UserError, WriteError, describe_os_error, load_checkpoint
 
 RUN_DIR_RE = re.compile(r"^run_(\d+)$")
 # One whole epoch line of train.log, from "Epoch 3/100 | Train Acc 0.981250 | " to its fixed ending
@@ -215,3 +215,45 @@ def best_epoch(epochs):
         if best is None or acc > best[1]:
             best = (epoch, acc)
     return best
+
+
+# ---------------------------------------------------------------- loading a trained run
+
+class RunNotReady(Exception):
+    """A run folder whose best model cannot be loaded (yet); the message is the reason."""
+
+
+def load_best(run_dir):
+    """The one loader of a trained run (validation.py and predict.py): -> (config, checkpoint, best
+    epoch, its Train Acc). The best epoch is the highest Train Acc in train.log, ties to the earliest
+    (the authors' rule); its weights come from best.pth or last.pth, whichever holds that epoch, loaded
+    with weights_only=True. RunNotReady with the reason otherwise."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunNotReady(f"config.json missing or unreadable ({type(e).__name__})")
+    if not is_complete(run_dir):
+        raise RunNotReady("unfinished (no summary.json): still training or interrupted; resume with "
+                          f"python3 train.py --resume {run_dir}")
+    log = os.path.join(run_dir, "train.log")
+    if not os.path.isfile(log):
+        raise RunNotReady("train.log missing")
+    best = best_epoch(parse_train_log(log))
+    if best is None:
+        raise RunNotReady("train.log has no complete epoch line")
+    reasons = []
+    for name in ("best.pth", "last.pth"):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            reasons.append(f"{name} missing")
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except UserError as e:
+            reasons.append(str(e))
+            continue
+        if ckpt.get("epoch") == best[0]:
+            return cfg, ckpt, best[0], best[1]
+        reasons.append(f"{name} holds epoch {ckpt.get('epoch')}")
+    raise RunNotReady(f"train.log's best epoch is {best[0]}, but no checkpoint holds it: {'; '.join(reasons)}")

@@ -20,10 +20,9 @@ import torch
 import data
 from model import build_model, confusion_matrix, metrics_from_confusion, use_exact_float32
 from train import resolve_device
-from runs import (CELL_EXCLUDES, RUN_DIR_RE, best_epoch, fingerprint, is_complete, parse_train_log, run_number,
+from runs import (CELL_EXCLUDES, RUN_DIR_RE, RunNotReady, fingerprint, is_complete, load_best, run_number,
                   run_settings, setting_differences)
-from utils import (UserError, available_cpus, ensure_output_dir, load_checkpoint, run_main, write_json_atomic,
-                   write_text_atomic)
+from utils import UserError, available_cpus, ensure_output_dir, run_main, write_json_atomic, write_text_atomic
 
 
 def get_args_parser():
@@ -89,30 +88,10 @@ def inspect_run(run_dir, classes=None):
     except (OSError, ValueError) as e:
         raise Skip(f"config.json missing or unreadable ({type(e).__name__})")
     check_classes(classes, cfg, run_dir)
-    if not is_complete(run_dir):
-        raise Skip("unfinished (no summary.json): still training or interrupted; resume with "
-                   f"python3 train.py --resume {run_dir}")
-    log = os.path.join(run_dir, "train.log")
-    if not os.path.isfile(log):
-        raise Skip("train.log missing")
-    best = best_epoch(parse_train_log(log))
-    if best is None:
-        raise Skip("train.log has no complete epoch line")
-    reasons = []
-    for name in ("best.pth", "last.pth"):
-        path = os.path.join(run_dir, name)
-        if not os.path.isfile(path):
-            reasons.append(f"{name} missing")
-            continue
-        try:
-            ckpt = load_checkpoint(path)
-        except UserError as e:
-            reasons.append(str(e))
-            continue
-        if ckpt.get("epoch") == best[0]:
-            return cfg, ckpt, best[0], best[1]
-        reasons.append(f"{name} holds epoch {ckpt.get('epoch')}")
-    raise Skip(f"train.log's best epoch is {best[0]}, but no checkpoint holds it: {'; '.join(reasons)}")
+    try:
+        return load_best(run_dir)
+    except RunNotReady as e:
+        raise Skip(str(e))
 
 
 # ---------------------------------------------------------------- evaluation

@@ -1,0 +1,268 @@
+"""Predict the class of new images (e.g. a camera trap's folder) with trained runs.
+
+    python3 predict.py --run saved_runs/proposed/1_0.01/run_3 --images ./new_photos --out predictions.csv
+
+Each run uses its best checkpoint, chosen as validation.py chooses it; with several runs the class
+probabilities are averaged (an ensemble). Images are decoded, resized and normalised exactly as in
+training and evaluation. --out gets one CSV row per image (path, predicted class, the probability of
+every class, status) as they are computed, and a JSON file beside it; running the same command again
+continues where it stopped. --threshold CLASS=P, or --calibrate on a labelled folder for a recall
+target, sets the decision rule for a rare class; --sort_into copies (hard-links) images by class.
+"""
+import argparse
+import csv
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torchvision
+from tqdm import tqdm
+
+import data
+from model import build_model, use_exact_float32
+from runs import RunNotReady, load_best
+from train import resolve_device
+from utils import UserError, available_cpus, ensure_output_dir, load_checkpoint, run_main, write_json_atomic
+
+CHUNK = 256   # images decoded, predicted and written at a time: an interruption loses at most these
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", nargs="+", help="one or more run folders (several: probabilities averaged)")
+    g.add_argument("--checkpoint", help="a train.py checkpoint file (best.pth or last.pth) instead of a run")
+    p.add_argument("--images", required=True, help="a folder (searched recursively, hidden files and folders "
+                   "skipped) or a text file with one image path per line")
+    p.add_argument("--out", required=True, help="CSV file of predictions; a JSON file with the same name beside it")
+    p.add_argument("--threshold", help="CLASS=P: predict CLASS whenever its probability is at least P")
+    p.add_argument("--calibrate", metavar="LABELLED_DIR", help="an ImageFolder with the runs' classes: choose "
+                   "the largest threshold for --rare whose recall there reaches --target_recall")
+    p.add_argument("--target_recall", type=float, default=0.95, help="recall target of --calibrate (0.95)")
+    p.add_argument("--rare", help="the class --calibrate sets a threshold for")
+    p.add_argument("--sort_into", metavar="DIR", help="hard-link (or copy) each readable image into "
+                   "DIR/<predicted class>/; originals are never moved or changed")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass (256)")
+    p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: min(8, CPUs))")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32 (default, exact) or bf16")
+    return p
+
+
+# ---------------------------------------------------------------- models
+
+def load_models(args, device):
+    """-> [(model, source, epoch)], classes, image sizes: every model in eval mode on device."""
+    sources = []
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint)
+        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+            raise UserError(f"--checkpoint {args.checkpoint}: not a train.py checkpoint (needs 'model' and 'config')")
+        sources.append((args.checkpoint, ckpt["config"], ckpt))
+    else:
+        for run_dir in args.run:
+            try:
+                cfg, ckpt, _, _ = load_best(run_dir)
+            except RunNotReady as e:
+                raise UserError(f"--run {run_dir}: {e}")
+            sources.append((run_dir, cfg, ckpt))
+    classes = sources[0][1]["classes"]
+    for src, cfg, _ in sources:
+        if cfg["classes"] != classes:
+            raise UserError(f"--run: {src} has classes {cfg['classes']}, {sources[0][0]} has {classes}; "
+                            f"an ensemble needs the same classes in the same order")
+    models = []
+    for src, cfg, ckpt in sources:
+        model = build_model(len(classes), "none")
+        model.load_state_dict(ckpt["model"])
+        models.append((model.to(device).eval(), src, ckpt.get("epoch"), cfg["args"]["img_size"]))
+    return models, classes
+
+
+@torch.inference_mode()
+def probabilities(models, pixels, device, batch_size, precision):
+    """{image size: uint8 (N, 3, S, S)} -> (N, K) class probabilities, averaged over the models."""
+    total = None
+    for model, _, _, size in models:
+        x_all, to_input, out = pixels[size], data.ModelInput(device), []
+        for start in range(0, len(x_all), batch_size):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(to_input(x_all[start:start + batch_size]))
+            out.append(torch.softmax(logits.float(), dim=1).cpu())
+        p = torch.cat(out).double()                                      # (N, K)
+        total = p if total is None else total + p
+    return total / len(models)
+
+
+def predict_paths(paths, models, device, args, workers, progress=None):
+    """Yield (path, probabilities (K,) or None, status) for paths in order, CHUNK at a time."""
+    sizes = sorted({m[3] for m in models})
+    for start in range(0, len(paths), CHUNK):
+        chunk = paths[start:start + CHUNK]
+        pixels, status = {}, {}
+        for size in sizes:
+            images, bad = data.decode_all(chunk, size, num_workers=min(workers, len(chunk)))
+            pixels[size] = images
+            status.update({i: why for i, _, why in bad})
+        good = [i for i in range(len(chunk)) if i not in status]
+        probs = probabilities(models, pixels, device, args.batch_size, args.precision) if good else None
+        row = {i: k for k, i in enumerate(good)}
+        for i, path in enumerate(chunk):
+            yield (path, probs[row[i]].numpy(), "ok") if i in row else (path, None, f"unreadable: {status[i]}")
+        if progress is not None:
+            progress.update(len(chunk))
+
+
+# ---------------------------------------------------------------- decision rule
+
+def parse_threshold(text, classes):
+    cls, _, value = (text or "").partition("=")
+    try:
+        p = float(value)
+    except ValueError:
+        p = float("nan")
+    if cls not in classes or not 0 <= p <= 1:
+        raise UserError(f"--threshold {text!r}: give CLASS=P with CLASS one of {', '.join(classes)} and 0 <= P <= 1")
+    return cls, p
+
+
+def decide(probs, classes, threshold):
+    """The predicted class: with threshold (CLASS, P), CLASS when its probability is at least P, else
+    the most probable other class; without, the most probable class."""
+    if threshold is None:
+        return classes[int(np.argmax(probs))]
+    k = classes.index(threshold[0])
+    if probs[k] >= threshold[1]:
+        return threshold[0]
+    others = [j for j in range(len(classes)) if j != k]
+    return classes[max(others, key=lambda j: probs[j])]
+
+
+def calibrate(folder, rare, target, models, classes, device, args, workers):
+    """The largest threshold on P(rare) whose recall for rare on the labelled folder reaches target;
+    -> dict with the threshold, its recall and precision there, and the counts."""
+    images = data.find_class_images(folder, classes, flag="--calibrate")
+    paths = [p for c in classes for p in images[c]]
+    labels = [k for k, c in enumerate(classes) for _ in images[c]]
+    k = classes.index(rare)
+    scores, truth = [], []
+    for (path, probs, status), y in zip(predict_paths(paths, models, device, args, workers), labels):
+        if probs is not None:
+            scores.append(probs[k])
+            truth.append(y == k)
+    scores, truth = np.array(scores), np.array(truth)
+    n_rare = int(truth.sum())
+    if n_rare == 0:
+        raise UserError(f"--calibrate {folder}: no readable image of {rare!r} there; recall cannot be measured")
+    need = math.ceil(target * n_rare)                    # rare images that must score at least the threshold
+    t = float(np.sort(scores[truth])[::-1][need - 1])    # the need-th highest rare score: the largest such t
+    flagged = scores >= t
+    recall, precision = float((flagged & truth).sum() / n_rare), float((flagged & truth).sum() / flagged.sum())
+    return {"class": rare, "threshold": t, "target_recall": target, "recall": recall, "precision": precision,
+            "n_images": int(len(scores)), "n_rare": n_rare, "folder": os.path.abspath(folder)}
+
+
+# ---------------------------------------------------------------- inputs and outputs
+
+def list_inputs(spec):
+    if os.path.isdir(spec):
+        return data.list_images(spec)
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    raise UserError(f"--images {spec}: neither a folder nor a text file of paths")
+
+
+def done_paths(out, header):
+    """Paths already in the CSV (an earlier, interrupted run of the same command). A last line cut off
+    by the interruption is removed first, so that no row is ever written twice."""
+    if not os.path.isfile(out):
+        return set()
+    with open(out, "rb+") as f:
+        content = f.read()
+        if content and not content.endswith(b"\n"):
+            f.truncate(content.rfind(b"\n") + 1)
+    with open(out, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames and reader.fieldnames != header:
+            raise UserError(f"--out {out} holds predictions with other columns ({', '.join(reader.fieldnames)}); "
+                            f"give a new --out for these runs")
+        return {row["path"] for row in reader}
+
+
+def sort_into(folder, path, label):
+    """Hard-link (else copy) path into folder/label/, keeping its name; a clash gets _1, _2, ..."""
+    dest_dir = os.path.join(folder, label)
+    os.makedirs(dest_dir, exist_ok=True)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    dest, n = os.path.join(dest_dir, stem + ext), 0
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(dest_dir, f"{stem}_{n}{ext}")
+    try:
+        os.link(path, dest)
+    except OSError:
+        shutil.copy2(path, dest)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    use_exact_float32()
+    device = resolve_device(args.device)
+    workers = args.num_workers if args.num_workers is not None else min(8, available_cpus())
+    paths = list_inputs(args.images)
+    ensure_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+    if args.sort_into:
+        ensure_output_dir(args.sort_into, "--sort_into")
+    models, classes = load_models(args, device)
+    threshold, calibration = parse_threshold(args.threshold, classes) if args.threshold else None, None
+    if args.calibrate:
+        if args.rare not in classes or not 0 < args.target_recall <= 1:
+            raise UserError(f"--calibrate needs --rare (one of {', '.join(classes)}) and 0 < --target_recall <= 1")
+        calibration = calibrate(args.calibrate, args.rare, args.target_recall, models, classes, device, args, workers)
+        threshold = (args.rare, calibration["threshold"])
+        print(f"calibrated on {args.calibrate}: P({args.rare}) >= {calibration['threshold']:.4f} gives recall "
+              f"{calibration['recall']:.3f} (target {args.target_recall}) at precision {calibration['precision']:.3f}")
+    header = ["path", "predicted", *(f"prob[{c}]" for c in classes), "status"]
+    done = done_paths(args.out, header)
+    todo = [p for p in paths if p not in done]
+    new_file = not os.path.isfile(args.out) or os.path.getsize(args.out) == 0
+    with open(args.out, "a", newline="", encoding="utf-8") as f, \
+            tqdm(total=len(todo), desc="predict", disable=None, file=sys.stderr) as bar:
+        writer = csv.writer(f)
+        if new_file:
+            writer.writerow(header)
+        for path, probs, status in predict_paths(todo, models, device, args, workers, bar):
+            label = decide(probs, classes, threshold) if probs is not None else ""
+            writer.writerow([path, label, *(f"{v:.6f}" for v in (probs if probs is not None else [])),
+                             *([""] * len(classes) if probs is None else []), status])
+            if args.sort_into and probs is not None:
+                sort_into(args.sort_into, path, label)
+            f.flush()
+    write_json_atomic(os.path.splitext(args.out)[0] + ".json", {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "csv": os.path.abspath(args.out), "classes": classes,
+        "models": [{"source": os.path.abspath(src), "epoch": epoch, "img_size": size} for _, src, epoch, size in models],
+        "threshold": {"class": threshold[0], "p": threshold[1]} if threshold else None, "calibration": calibration,
+        "precision": args.precision, "images": os.path.abspath(args.images),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()})
+    summarise(args.out, classes, len(done))
+
+
+def summarise(out, classes, resumed):
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    counts = {c: sum(r["predicted"] == c for r in rows) for c in classes}
+    unreadable = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows)} image(s) in {out}" + (f" ({resumed} from an earlier run)" if resumed else "") + ": "
+          + ", ".join(f"{c} {n}" for c, n in counts.items()) + f"; {len(unreadable)} could not be read")
+    for r in unreadable[:20]:
+        print(f"  {r['path']}: {r['status']}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,135 @@
+"""predict.py: the same predictions as validation.py, ensembles, thresholds, resumption, odd files."""
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import predict
+import validation
+from conftest import make_image_folder
+from test_robustness import write_broken_files
+from utils import UserError
+
+CLASSES = ["water-deer", "roe-deer"]
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def probs(row):
+    return np.array([float(row[f"prob[{c}]"]) for c in CLASSES])
+
+
+@pytest.fixture(scope="module")
+def labelled(image_data, tmp_path_factory):
+    """The test folder's two classes, as a labelled folder and as a flat folder of new images."""
+    base = tmp_path_factory.mktemp("predict")
+    for c in CLASSES:
+        shutil.copytree(os.path.join(image_data["valid"], c), base / "labelled" / c)
+    return base / "labelled"
+
+
+def test_predictions_on_a_labelled_folder_equal_validation(four_variants, labelled, tmp_path):
+    save, runs = four_variants
+    out = tmp_path / "p.csv"
+    predict.main(["--run", runs["baseline"], "--images", str(labelled), "--out", str(out), "--num_workers", "0"])
+    got = rows(out)
+    assert len(got) == 16 and all(r["status"] == "ok" for r in got)
+    cm = np.zeros((2, 2), dtype=int)
+    for r in got:
+        cm[CLASSES.index(os.path.basename(os.path.dirname(r["path"]))), CLASSES.index(r["predicted"])] += 1
+    variant = tmp_path / "baseline"
+    shutil.copytree(os.path.dirname(runs["baseline"]), variant / "1_0.1")
+    validation.main(["--model_root", str(variant), "--test_data_root", str(labelled)])
+    expected = json.load(open(variant / "results.json"))["variants"]["baseline"]["1_0.1"]["runs"][0]
+    assert cm.tolist() == expected["metrics"]["confusion_matrix"]
+    assert all(abs(probs(r).sum() - 1) < 1e-5 for r in got)
+    meta = json.load(open(tmp_path / "p.json"))
+    assert meta["classes"] == CLASSES and meta["models"][0]["epoch"] == 1 and meta["threshold"] is None
+
+
+def test_an_ensemble_averages_the_runs_probabilities(four_variants, labelled, tmp_path):
+    _, runs = four_variants
+    single = {}
+    for v in ("baseline", "proposed"):
+        predict.main(["--run", runs[v], "--images", str(labelled), "--out", str(tmp_path / f"{v}.csv")])
+        single[v] = {r["path"]: probs(r) for r in rows(tmp_path / f"{v}.csv")}
+    predict.main(["--run", runs["baseline"], runs["proposed"], "--images", str(labelled),
+                  "--out", str(tmp_path / "both.csv")])
+    for r in rows(tmp_path / "both.csv"):
+        mean = (single["baseline"][r["path"]] + single["proposed"][r["path"]]) / 2
+        assert np.allclose(probs(r), mean, atol=2e-6)
+        assert r["predicted"] == CLASSES[int(np.argmax(probs(r)))]
+
+
+def test_an_interrupted_job_continues_to_the_csv_of_an_uninterrupted_one(four_variants, labelled, tmp_path,
+                                                                          monkeypatch):
+    _, runs = four_variants
+    argv = ["--run", runs["proposed"], "--images", str(labelled), "--num_workers", "0"]
+    predict.main(argv + ["--out", str(tmp_path / "straight.csv")])
+    monkeypatch.setattr(predict, "CHUNK", 5)
+    real, calls = predict.data.decode_all, []
+
+    def dies_on_the_third_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(predict.data, "decode_all", dies_on_the_third_chunk)
+    out = tmp_path / "resumed.csv"
+    with pytest.raises(KeyboardInterrupt):
+        predict.main(argv + ["--out", str(out)])
+    assert len(rows(out)) == 10
+    with open(out, "a") as f:
+        f.write(rows(tmp_path / "straight.csv")[10]["path"] + ",water-de")       # a line cut off mid-write
+    monkeypatch.setattr(predict.data, "decode_all", real)
+    predict.main(argv + ["--out", str(out)])
+    assert out.read_text() == (tmp_path / "straight.csv").read_text()
+
+
+def test_broken_files_are_listed_never_fatal_and_a_list_file_works(four_variants, image_data, tmp_path, capsys):
+    _, runs = four_variants
+    folder = tmp_path / "new"
+    make_image_folder(folder, {"cam1": 3})
+    shutil.copy(os.path.join(image_data["valid"], "roe-deer", "000.jpg"), folder / "000.jpg")
+    broken = write_broken_files(folder)
+    os.makedirs(folder / ".hidden")
+    shutil.copy(folder / "000.jpg", folder / ".hidden" / "skip.jpg")
+    predict.main(["--run", runs["baseline"], "--images", str(folder), "--out", str(tmp_path / "p.csv")])
+    got = {r["path"]: r for r in rows(tmp_path / "p.csv")}
+    assert len(got) == 9 and not any(".hidden" in p for p in got)
+    assert all(got[p]["status"].startswith("unreadable") and got[p]["predicted"] == "" for p in broken)
+    assert "5 could not be read" in capsys.readouterr().out
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(sorted(got)[:3]) + "\n")
+    predict.main(["--run", runs["baseline"], "--images", str(listing), "--out", str(tmp_path / "l.csv")])
+    assert [r["path"] for r in rows(tmp_path / "l.csv")] == sorted(got)[:3]
+
+
+def test_threshold_calibration_and_sorting(four_variants, labelled, tmp_path, capsys):
+    _, runs = four_variants
+    base = ["--run", runs["proposed"], "--images", str(labelled)]
+    predict.main(base + ["--out", str(tmp_path / "t.csv"), "--threshold", "roe-deer=0",
+                         "--sort_into", str(tmp_path / "sorted")])
+    assert {r["predicted"] for r in rows(tmp_path / "t.csv")} == {"roe-deer"}
+    sorted_files = sorted(os.listdir(tmp_path / "sorted" / "roe-deer"))
+    assert os.listdir(tmp_path / "sorted") == ["roe-deer"] and len(sorted_files) == 16   # 000..007 of each class:
+    assert "000.jpg" in sorted_files and "000_1.jpg" in sorted_files                     # clashes renamed
+    assert sorted(os.listdir(labelled / "roe-deer")) == [f"{i:03d}.jpg" for i in range(8)]   # originals kept
+    predict.main(base + ["--out", str(tmp_path / "c.csv"), "--calibrate", str(labelled), "--rare", "roe-deer",
+                         "--target_recall", "1.0"])
+    cal = json.load(open(tmp_path / "c.json"))["calibration"]
+    got = rows(tmp_path / "c.csv")
+    rare = [probs(r)[1] for r in got if "/roe-deer/" in r["path"]]
+    assert cal["threshold"] == pytest.approx(min(rare), abs=1e-6) and cal["recall"] == 1.0
+    assert all(r["predicted"] == "roe-deer" for r in got if "/roe-deer/" in r["path"])
+    flagged = [r for r in got if r["predicted"] == "roe-deer"]
+    assert cal["precision"] == pytest.approx(8 / len(flagged))
+    assert "calibrated on" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--threshold"):
+        predict.main(base + ["--out", str(tmp_path / "x.csv"), "--threshold", "elk=0.3"])
