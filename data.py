@@ -77,7 +77,8 @@ def find_class_images(root, classes, flag="--classes"):
 def subsample(images, classes, ratio, max_per_class, seed):
     """Pick the images of each class for the ratio.
 
-    The reference class (the first) keeps n_1 = min(its count, max_per_class) images; class k keeps
+    ratio 'all': every class keeps all its images (at most max_per_class each). Otherwise the reference
+    class (the first) keeps n_1 = min(its count, max_per_class) images; class k keeps
     ratio_k / ratio_1 * n_1 rounded half up (floor(x + 0.5): 4.5 -> 5, unlike Python's round), at least 1.
     Each class's images are one permutation of its sorted file list, seeded by (seed, class name), of
     which the first n are taken: for one seed, the images chosen at a smaller ratio or cap are a subset
@@ -90,11 +91,14 @@ def subsample(images, classes, ratio, max_per_class, seed):
         n_ref = min(n_ref, max_per_class)
     paths, labels, counts, notes = [], [], {}, []
     for k, c in enumerate(classes):
-        exact = ratio[k] / ratio[0] * n_ref
-        requested = max(1, math.floor(exact + 0.5))
-        if math.floor(exact + 0.5) < 1:
-            notes.append(f"ratio {ratio[k]:g} of {n_ref} images gives {exact:.3g} image(s) for {c!r}; keeping 1")
         available = len(images[c])
+        if ratio == "all":                     # the folder as it is: every image, up to the cap when one is given
+            requested = available if max_per_class is None else min(available, max_per_class)
+        else:
+            exact = ratio[k] / ratio[0] * n_ref
+            requested = max(1, math.floor(exact + 0.5))
+            if math.floor(exact + 0.5) < 1:
+                notes.append(f"ratio {ratio[k]:g} of {n_ref} images gives {exact:.3g} image(s) for {c!r}; keeping 1")
         if available < requested:
             notes.append(f"class {c!r} has {available} image(s) but the ratio asks for {requested}; using all {available}")
         selected = min(requested, available)

@@ -21,8 +21,8 @@ import threading
 import time
 
 import slurm
-from runs import absolute_paths, is_complete, planned_settings, setting_differences
-from utils import VARIANTS, UserError, ensure_output_dir, parse_ratio, ratio_folder_name, run_main
+from runs import is_complete, planned_settings, setting_differences
+from utils import VARIANTS, UserError, ensure_output_dir, parse_ratio_or_all, ratio_folder_name, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANT_FLAGS = {"baseline": [], "contrastive": ["--contrastive"], "oversampling": ["--oversampling"],
@@ -37,7 +37,8 @@ def get_args_parser():
     p.add_argument("--save_root", default="./saved_runs")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="default: all four")
     p.add_argument("--ratios", nargs="+", default=["1", "0.1", "0.01", "0.005", "0.001"],
-                   help="minority fractions; every non-reference class gets it (paper: 1 0.1 0.01 0.005 0.001)")
+                   help="minority fractions; every non-reference class gets it (paper: 1 0.1 0.01 0.005 0.001); "
+                   "'all' trains on the folder as it is")
     p.add_argument("--runs", type=int, default=10, help="runs per cell (paper: 10)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids, e.g. 0,1: cells run side by side, "
                    "each pinned to one GPU with CUDA_VISIBLE_DEVICES")
@@ -76,13 +77,13 @@ def parse(argv):
     if (args.slurm_args or args.max_parallel) and not args.slurm:
         raise UserError("--slurm_args and --max_parallel go with --slurm")
     for r in args.ratios:
-        parse_ratio(ratio_string(r, args.classes), args.classes)
+        parse_ratio_or_all(ratio_string(r, args.classes), args.classes)
     return args, passthrough
 
 
 def ratio_string(r, classes):
-    """'0.01' with 2 classes -> '1:0.01'; with 3 classes -> '1:0.01:0.01'."""
-    return ":".join(["1"] + [r] * (len(classes) - 1))
+    """'0.01' with 2 classes -> '1:0.01'; with 3 classes -> '1:0.01:0.01'; 'all' stays 'all'."""
+    return "all" if r == "all" else ":".join(["1"] + [r] * (len(classes) - 1))
 
 
 def grid(args):
@@ -94,7 +95,7 @@ def grid(args):
 def cell_command(args, passthrough, cell):
     """-> (run_dir, train.py argv or None when the run is already complete)."""
     variant, ratio, k = cell
-    run_dir = os.path.join(args.save_root, variant, ratio_folder_name(parse_ratio(ratio, args.classes)), f"run_{k}")
+    run_dir = os.path.join(args.save_root, variant, ratio_folder_name(parse_ratio_or_all(ratio, args.classes)), f"run_{k}")
     if is_complete(run_dir):
         return run_dir, None
     if os.path.isfile(os.path.join(run_dir, "last.pth")):
@@ -118,9 +119,9 @@ def mismatch(args, passthrough, cell, run_dir):
         recorded = cfg["fingerprint_settings"]
     except (OSError, ValueError, KeyError):
         return "its config.json is missing, unreadable or has no fingerprint (made by an older version)"
-    t = train.get_args_parser().parse_args(fresh_command(args, passthrough, cell)[1:])
-    a = absolute_paths(vars(t))
-    planned = planned_settings(a, parse_ratio(a["ratio"], a["classes"]), cell[2])
+    argv = fresh_command(args, passthrough, cell)[1:]
+    a = train.resolved_args(train.get_args_parser().parse_args(argv), train.given_flags(argv))
+    planned = planned_settings(a, parse_ratio_or_all(a["ratio"], a["classes"]), cell[2])
     diff = setting_differences(recorded, planned)
     return "; ".join(f"{d} (recorded vs planned)" for d in diff) or None
 

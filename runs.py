@@ -115,7 +115,8 @@ def run_settings(args, ratio, seed, subset_sha1):
     weights = args["weights"]
     if weights not in ("imagenet", "none") and os.path.isfile(weights):
         weights = "sha256:" + file_sha256(weights)
-    s = {"train_data_root": args["train_data_root"], "classes": list(args["classes"]), "ratio": list(ratio),
+    s = {"train_data_root": args["train_data_root"], "classes": list(args["classes"]),
+         "ratio": ratio if ratio == "all" else list(ratio),
          "max_per_class": args["max_per_class"], "img_size": args["img_size"], "num_epochs": args["num_epochs"],
          "batch_size": args["batch_size"], "lr": args["lr"], "optimizer": args["optimizer"], "weights": weights,
          "augment": args["augment"], "amp": args["amp"], "contrastive": bool(args["contrastive"]),

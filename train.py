@@ -23,8 +23,9 @@ import data
 from model import TAPPABLE, build_model, compute_loss, forward_with_taps, use_exact_float32
 from runs import (ACC_DECIMALS, absolute_paths, claim_run_dir, is_complete, planned_subset, record_provenance,
                   run_number, run_settings, set_aside_previous_attempt, set_fingerprint)
-from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, load_checkpoint, parse_ratio,
-                   ratio_folder_name, run_main, signals_deferred, variant_name, write_json_atomic)
+from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, load_checkpoint,
+                   parse_ratio_or_all, ratio_folder_name, ratio_text, run_main, signals_deferred, variant_name,
+                   write_json_atomic)
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
 # flags that --resume accepts: they change how fast a run goes, not its result (see runs.run_settings)
@@ -37,9 +38,11 @@ def get_args_parser():
     g.add_argument("--train_data_root", help="ImageFolder root: one sub-folder per class")
     g.add_argument("--classes", nargs="+", help="class folder names, in order; the first is the ratio's reference "
                    "(majority) class and labels follow this order")
-    g.add_argument("--ratio", help="one part per class, colon-separated, e.g. 1:0.01 or 1:0.1:0.01")
+    g.add_argument("--ratio", help="one part per class, colon-separated, e.g. 1:0.01 or 1:0.1:0.01; omitted or "
+                   "'all': every image of each class, the folder as it is (run folder 'all')")
     g.add_argument("--max_per_class", type=int, default=10000,
-                   help="cap on the reference class's images before the ratio applies (paper: 10,000; 0 = no cap)")
+                   help="cap on the reference class's images before the ratio applies (paper: 10,000; 0 = no cap); "
+                   "with --ratio all, a cap on every class, and only when given")
     g.add_argument("--save_root", default="./saved_runs", help="runs go to <save_root>/<variant>/<ratio>/run_X")
     g = p.add_argument_group("method")
     g.add_argument("--contrastive", action="store_true", help="add the feature-similarity loss (eq. 3)")
@@ -99,7 +102,7 @@ def resolve_device(name):
 
 def check_args(args):
     """Validate the options that argparse cannot; UserError names the flag and the valid values."""
-    for flag in ("train_data_root", "classes", "ratio"):
+    for flag in ("train_data_root", "classes"):
         if getattr(args, flag) is None:
             raise UserError(f"--{flag} is required (or --resume RUN_DIR)")
     if len(args.classes) < 2:
@@ -120,7 +123,7 @@ def check_args(args):
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer (0, 1, 2, ...), got {args.seed}")
     data.build_augment(args.augment)
-    parse_ratio(args.ratio, args.classes)
+    parse_ratio_or_all(args.ratio, args.classes)
 
 
 def given_flags(argv):
@@ -130,18 +133,27 @@ def given_flags(argv):
     return {dest for dest, v in vars(probe.parse_args(argv)).items() if v is not unset}
 
 
+def resolved_args(args, given):
+    """train.py's arguments as a run records them (reproduce.py plans with the same): paths absolute;
+    with --ratio all (or none), no cap unless --max_per_class was given, so the folder is used as it is."""
+    a = absolute_paths({k: v for k, v in vars(args).items() if k != "resume"})
+    if parse_ratio_or_all(args.ratio, args.classes) == "all" and "max_per_class" not in given:
+        a["max_per_class"] = 0
+    return a
+
+
 def prepare_run(args, given):
     """Return (run_dir, config, start_state): a new run folder, or the one given to --resume."""
     if args.resume:
         return prepare_resume(args, given)
     check_args(args)
-    ratio = parse_ratio(args.ratio, args.classes)
+    ratio = parse_ratio_or_all(args.ratio, args.classes)
     variant = variant_name(args.contrastive, args.oversampling)
     data.find_class_images(args.train_data_root, args.classes)  # fail before creating a folder
     run_dir = claim_run_dir(os.path.join(args.save_root, variant, ratio_folder_name(ratio)), args.run_id)
     if args.run_id is not None:
         set_aside_previous_attempt(run_dir)
-    cfg = {"args": absolute_paths({k: v for k, v in vars(args).items() if k != "resume"}),
+    cfg = {"args": resolved_args(args, given),
            "variant": variant, "classes": list(args.classes), "ratio": ratio,
            "seed": args.seed if args.seed is not None else run_number(run_dir), "cwd": os.getcwd()}
     return run_dir, cfg, None
@@ -202,7 +214,9 @@ def build_train_data(cfg, run_dir):
         raise UserError(f"the images chosen from {a['train_data_root']} differ from those {run_dir} started with "
                         f"(the folder changed, or the run was made by a version that chose images differently); "
                         f"start a new run instead of --resume")
+    n_ref = counts[a["classes"][0]]["used"]
     cfg.update(counts=counts, notes=notes, subset_sha1=used, n_bad_images=len(bad),
+               observed_ratio=[round(counts[c]["used"] / n_ref, 6) for c in a["classes"]],
                bad_images=[p for _, p, _ in bad], cache_bytes=int(cache.numel()) if cache is not None else 0)
     dataset = data.ImageSet(labels, a["img_size"], images=cache, paths=None if a["cache"] else paths,
                             transform=data.build_augment(a["augment"]))
@@ -341,7 +355,7 @@ def main(argv=None, epoch_done=None):
     record_provenance(cfg, device, state)
     write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
     counts = ", ".join(f"{c}: {v['used']}" for c, v in cfg["counts"].items())
-    print(f"{run_dir}: {cfg['variant']} ratio {':'.join(f'{r:g}' for r in cfg['ratio'])}, images {counts}, "
+    print(f"{run_dir}: {cfg['variant']} ratio {ratio_text(cfg['ratio'])}, images {counts}, "
           f"seed {cfg['seed']}, device {device}, cache {cfg['cache_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
 
     if device.type == "cuda" and a["channels_last"]:

@@ -105,9 +105,19 @@ def parse_ratio(text, classes):
     return values
 
 
+def parse_ratio_or_all(text, classes):
+    """None or 'all' -> 'all' (every image of each class, the folder as it is); else parse_ratio."""
+    return "all" if text in (None, "all") else parse_ratio(text, classes)
+
+
 def ratio_folder_name(ratio):
-    """[1.0, 0.01] -> '1_0.01': the ratio's folder name, valid on every OS (no ':')."""
-    return "_".join(f"{r:g}" for r in ratio)
+    """[1.0, 0.01] -> '1_0.01': the ratio's folder name, valid on every OS (no ':'); 'all' -> 'all'."""
+    return "all" if ratio == "all" else "_".join(f"{r:g}" for r in ratio)
+
+
+def ratio_text(ratio):
+    """[1.0, 0.01] -> '1:0.01'; 'all' stays 'all'."""
+    return "all" if ratio == "all" else ":".join(f"{r:g}" for r in ratio)
 
 
 def variant_name(contrastive, oversampling):

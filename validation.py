@@ -217,7 +217,8 @@ def evaluate_variant(variant_dir, args, tests, models):
             print(f"skipped {run_dir}: {e}", file=sys.stderr)
             continue
         metrics = evaluate_run(cfg, ckpt, tests, models, args.batch_size, args.precision)
-        entry = ratios.setdefault(ratio_name, {"ratio": cfg["ratio"], "classes": cfg["classes"], "runs": []})
+        ratio = cfg["observed_ratio"] if cfg["ratio"] == "all" else cfg["ratio"]   # 'all': what the folder held
+        entry = ratios.setdefault(ratio_name, {"ratio": ratio, "classes": cfg["classes"], "runs": []})
         entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": acc,
                               "img_size": cfg["args"]["img_size"], "fingerprint": cfg.get("fingerprint"),
                               "settings": cell_settings(cfg), "metrics": metrics})

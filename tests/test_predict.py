@@ -9,7 +9,7 @@ import pytest
 
 import predict
 import validation
-from conftest import make_image_folder
+from conftest import ROOT, make_image_folder
 from test_robustness import write_broken_files
 from utils import UserError
 
@@ -133,3 +133,64 @@ def test_threshold_calibration_and_sorting(four_variants, labelled, tmp_path, ca
     assert "calibrated on" in capsys.readouterr().out
     with pytest.raises(UserError, match="--threshold"):
         predict.main(base + ["--out", str(tmp_path / "x.csv"), "--threshold", "elk=0.3"])
+
+
+def test_training_on_a_folder_as_it_is(image_data, tmp_path):
+    import train
+    run = train.main(["--train_data_root", image_data["train"], "--classes", "water-deer", "roe-deer",
+                      "--save_root", str(tmp_path), "--num_epochs", "1", "--img_size", "32", "--weights", "none",
+                      "--batch_size", "16"])                                     # no --ratio
+    assert run == os.path.join(str(tmp_path), "baseline", "all", "run_1")
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert cfg["ratio"] == "all" and cfg["args"]["max_per_class"] == 0 and cfg["observed_ratio"] == [1.0, 0.75]
+    assert [cfg["counts"][c]["used"] for c in CLASSES] == [40, 30]
+    capped = train.main(["--train_data_root", image_data["train"], "--classes", "water-deer", "roe-deer",
+                         "--save_root", str(tmp_path), "--ratio", "all", "--max_per_class", "20", "--num_epochs", "1",
+                         "--img_size", "32", "--weights", "none", "--batch_size", "16"])
+    assert [json.load(open(os.path.join(capped, "config.json")))["counts"][c]["used"] for c in CLASSES] == [20, 20]
+    import reproduce
+    argv = ["--train_data_root", image_data["train"], "--test_data_root", image_data["valid"], "--classes",
+            *CLASSES, "--save_root", str(tmp_path / "grid"), "--variants", "baseline", "--ratios", "all", "0.1",
+            "--runs", "1", "--num_epochs", "1", "--img_size", "32", "--weights", "none", "--batch_size", "16"]
+    reproduce.main(argv)
+    res = json.load(open(tmp_path / "grid" / "results.json"))["variants"]["baseline"]
+    assert set(res) == {"all", "1_0.1"} and res["all"]["ratio"] == [1.0, 0.75]
+    assert "| baseline | " in (tmp_path / "grid" / "table1.md").read_text()
+    reproduce.main(argv + ["--dry_run"])                                        # done cells match their plan
+
+
+def readme_commands(section):
+    """The commands of a README section's bash blocks, continuation lines joined."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in body.split("```bash\n")[1:]]
+    return [c.strip() for b in blocks for c in b.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def test_the_readme_camera_trap_commands_run_as_written(tmp_path):
+    import subprocess
+    import sys
+    import torch
+    import torchvision
+    commands = readme_commands("Your own camera-trap images")
+    assert [c.split()[1] for c in commands] == ["train.py", "validation.py", "predict.py"]
+    make_image_folder(tmp_path / "camera_traps" / "train", {"water-deer": 30, "roe-deer": 6})
+    make_image_folder(tmp_path / "camera_traps" / "valid", {"water-deer": 8, "roe-deer": 8}, seed=1)
+    make_image_folder(tmp_path / "camera_traps" / "new_photos" / "site-a", {"cam1": 5, "cam2": 4}, seed=2)
+    # --weights imagenet (the default) loads torchvision's file from the hub cache, which this test fills
+    # with a resnet18 state_dict of its own (no download here)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    torch.save(torchvision.models.resnet18().state_dict(), hub / os.path.basename(url))
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
+    for command in commands:
+        argv = [sys.executable, os.path.join(ROOT, command.split()[1]), *command.split()[2:]]
+        out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (command, out.stderr[-2000:])
+    got = rows(tmp_path / "predictions.csv")
+    assert len(got) == 9 and all(r["status"] == "ok" for r in got)
+    assert json.load(open(tmp_path / "predictions.json"))["calibration"]["recall"] >= 0.95
+    assert sum(len(os.listdir(tmp_path / "sorted_photos" / c)) for c in os.listdir(tmp_path / "sorted_photos")) == 9
+    cfg = json.load(open(tmp_path / "my_runs" / "proposed" / "all" / "run_1" / "config.json"))
+    assert [cfg["counts"][c]["used"] for c in CLASSES] == [30, 6]

@@ -34,8 +34,8 @@ def fake_run(run_dir, argv, cell, *files):
     import runs
     import train
     args, passthrough = reproduce.parse(argv)
-    a = runs.absolute_paths(vars(train.get_args_parser().parse_args(reproduce.fresh_command(args, passthrough,
-                                                                                                cell)[1:])))
+    command = reproduce.fresh_command(args, passthrough, cell)[1:]
+    a = train.resolved_args(train.get_args_parser().parse_args(command), train.given_flags(command))
     settings = runs.planned_settings(a, [1.0, float(cell[1].split(":")[1])], cell[2])
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"fingerprint_settings": settings}))
