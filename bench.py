@@ -280,6 +280,7 @@ def measure_eval(args):
     same N runs evaluated one by one in float32, decoding afresh; also whether they agree."""
     import torch
     import torchvision
+    import predict
     import train
     import validation
     from model import build_model
@@ -302,6 +303,16 @@ def measure_eval(args):
         ours[precision] = time.perf_counter() - t0
         correct[precision] = _correct_per_run(variant)
 
+    single = os.path.join(root, "single", "baseline")                     # predict.py vs validation.py, one run
+    shutil.copytree(os.path.join(variant, "1_1", "run_1"), os.path.join(single, "1_1", "run_1"))
+    t0 = time.perf_counter()
+    validation.main(["--model_root", single, "--test_data_root", test, "--device", args.device])
+    one_run_validation = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    predict.main(["--run", os.path.join(single, "1_1", "run_1"), "--images", test, "--out",
+                  os.path.join(root, "predictions.csv"), "--device", args.device])
+    one_run_predict = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     workers = min(8, available_cpus())
     tf = reference_transform(args.img_size, augment=False)
@@ -323,6 +334,8 @@ def measure_eval(args):
             "one_by_one_s": naive, "eval_speedup": naive / ours["fp32"], "eval_speedup_bf16": naive / ours["bf16"],
             "fp32_same_correct_as_one_by_one": correct["fp32"] == naive_correct,
             "bf16_correct_minus_one_by_one": [a - b for a, b in zip(correct["bf16"], naive_correct)],
+            "predict_s": one_run_predict, "validation_one_run_s": one_run_validation,
+            "predict_vs_validation": one_run_validation / one_run_predict,
             "runs": args.eval_runs, "test_images": sum(1 for c in CLASSES for _ in os.scandir(os.path.join(test, c)))}
 
 
@@ -364,6 +377,10 @@ def measure_eval_size(args, size):
           f"speedup {e['eval_speedup']:.2f}x ({e['eval_speedup_bf16']:.2f}x with bf16); fp32 predictions equal "
           f"one by one: {e['fp32_same_correct_as_one_by_one']}; correct per run, bf16 minus one by one: "
           f"{e['bf16_correct_minus_one_by_one']}", flush=True)
+    n = e["test_images"]
+    print(f"one run at {size} px: predict.py {n / e['predict_s']:.0f} img/s, validation.py "
+          f"{n / e['validation_one_run_s']:.0f} img/s (predict/validation speed {e['predict_vs_validation']:.2f})",
+          flush=True)
     return e
 
 

@@ -163,8 +163,35 @@ def calibrate(folder, rare, target, models, classes, device, args, workers):
     t = float(np.sort(scores[truth])[::-1][need - 1])    # the need-th highest rare score: the largest such t
     flagged = scores >= t
     recall, precision = float((flagged & truth).sum() / n_rare), float((flagged & truth).sum() / flagged.sum())
-    return {"class": rare, "threshold": t, "target_recall": target, "recall": recall, "precision": precision,
-            "n_images": int(len(scores)), "n_rare": n_rare, "folder": os.path.abspath(folder)}
+    return ({"class": rare, "threshold": t, "target_recall": target, "recall": recall, "precision": precision,
+             "n_images": int(len(scores)), "n_rare": n_rare, "folder": os.path.abspath(folder)}, scores, truth)
+
+
+def threshold_figure(scores, truth, result, path):
+    """Precision and recall of the rare class on the labelled folder against the threshold, with the
+    chosen threshold marked -> PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ts = np.linspace(0, 1, 201)
+    flagged = scores[None, :] >= ts[:, None]                                  # (T, N)
+    tp = (flagged & truth[None, :]).sum(1)
+    recall = tp / max(1, truth.sum())
+    precision = np.where(flagged.sum(1) > 0, tp / np.maximum(1, flagged.sum(1)), np.nan)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ts, recall, label="recall")
+    ax.plot(ts, precision, label="precision")
+    ax.axvline(result["threshold"], color="grey", ls="--",
+               label=f"chosen {result['threshold']:.3f} (recall {result['recall']:.2f})")
+    ax.axvline(0.5, color="black", lw=0.5, ls=":", label="0.5 (argmax, 2 classes)")
+    ax.set_xlabel(f"threshold on P({result['class']})")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{result['class']}: {result['n_rare']} of {result['n_images']} labelled images")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- inputs and outputs
@@ -224,10 +251,14 @@ def main(argv=None):
     if args.calibrate:
         if args.rare not in classes or not 0 < args.target_recall <= 1:
             raise UserError(f"--calibrate needs --rare (one of {', '.join(classes)}) and 0 < --target_recall <= 1")
-        calibration = calibrate(args.calibrate, args.rare, args.target_recall, models, classes, device, args, workers)
+        calibration, scores, truth = calibrate(args.calibrate, args.rare, args.target_recall, models, classes,
+                                               device, args, workers)
+        calibration["figure"] = os.path.abspath(os.path.splitext(args.out)[0] + "_threshold.png")
+        threshold_figure(scores, truth, calibration, calibration["figure"])
         threshold = (args.rare, calibration["threshold"])
         print(f"calibrated on {args.calibrate}: P({args.rare}) >= {calibration['threshold']:.4f} gives recall "
-              f"{calibration['recall']:.3f} (target {args.target_recall}) at precision {calibration['precision']:.3f}")
+              f"{calibration['recall']:.3f} (target {args.target_recall}) at precision {calibration['precision']:.3f}; "
+              f"figure: {calibration['figure']}")
     header = ["path", "predicted", *(f"prob[{c}]" for c in classes), "status"]
     done = done_paths(args.out, header)
     todo = [p for p in paths if p not in done]

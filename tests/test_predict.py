@@ -131,6 +131,7 @@ def test_threshold_calibration_and_sorting(four_variants, labelled, tmp_path, ca
     flagged = [r for r in got if r["predicted"] == "roe-deer"]
     assert cal["precision"] == pytest.approx(8 / len(flagged))
     assert "calibrated on" in capsys.readouterr().out
+    assert (tmp_path / "c_threshold.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and cal["figure"].endswith(".png")
     with pytest.raises(UserError, match="--threshold"):
         predict.main(base + ["--out", str(tmp_path / "x.csv"), "--threshold", "elk=0.3"])
 
@@ -160,9 +161,10 @@ def test_training_on_a_folder_as_it_is(image_data, tmp_path):
 
 
 def readme_commands(section):
-    """The commands of a README section's bash blocks, continuation lines joined."""
+    """The commands of a README section's bash blocks (up to its first sub-section), continuation lines
+    joined."""
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     blocks = [b.split("```", 1)[0] for b in body.split("```bash\n")[1:]]
     return [c.strip() for b in blocks for c in b.replace("\\\n", " ").splitlines() if c.strip()]
 
