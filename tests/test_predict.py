@@ -73,21 +73,21 @@ def test_an_interrupted_job_continues_to_the_csv_of_an_uninterrupted_one(four_va
     argv = ["--run", runs["proposed"], "--images", str(labelled), "--num_workers", "0"]
     predict.main(argv + ["--out", str(tmp_path / "straight.csv")])
     monkeypatch.setattr(predict, "CHUNK", 5)
-    real, calls = predict.data.decode_all, []
+    real, calls = predict.probabilities, []
 
     def dies_on_the_third_chunk(*a, **k):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(predict.data, "decode_all", dies_on_the_third_chunk)
+    monkeypatch.setattr(predict, "probabilities", dies_on_the_third_chunk)
     out = tmp_path / "resumed.csv"
     with pytest.raises(KeyboardInterrupt):
         predict.main(argv + ["--out", str(out)])
     assert len(rows(out)) == 10
     with open(out, "a") as f:
         f.write(rows(tmp_path / "straight.csv")[10]["path"] + ",water-de")       # a line cut off mid-write
-    monkeypatch.setattr(predict.data, "decode_all", real)
+    monkeypatch.setattr(predict, "probabilities", real)
     predict.main(argv + ["--out", str(out)])
     assert out.read_text() == (tmp_path / "straight.csv").read_text()
 
