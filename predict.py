@@ -274,10 +274,10 @@ def main(argv=None):
             writer.writerow(header)
         for path, probs, status in predict_paths(todo, models, device, args, workers, bar):
             label = decide(probs, classes, threshold) if probs is not None else ""
+            if args.sort_into and probs is not None:      # before its row: a row in the CSV means it is sorted
+                sort_into(args.sort_into, path, label)
             writer.writerow([path, label, *(f"{v:.6f}" for v in (probs if probs is not None else [])),
                              *([""] * len(classes) if probs is None else []), status])
-            if args.sort_into and probs is not None:
-                sort_into(args.sort_into, path, label)
             f.flush()
     write_json_atomic(os.path.splitext(args.out)[0] + ".json", {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "csv": os.path.abspath(args.out), "classes": classes,
