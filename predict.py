@@ -27,7 +27,7 @@ import data
 from model import build_model, use_exact_float32
 from runs import RunNotReady, load_best
 from train import resolve_device
-from utils import UserError, available_cpus, ensure_output_dir, load_checkpoint, run_main, write_json_atomic
+from utils import UserError, decoding_workers, ensure_output_dir, load_checkpoint, run_main, write_json_atomic
 
 CHUNK = 256   # images decoded, predicted and written at a time: an interruption loses at most these
 
@@ -245,7 +245,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     use_exact_float32()
     device = resolve_device(args.device)
-    workers = args.num_workers if args.num_workers is not None else min(8, available_cpus())
+    workers = decoding_workers(args.num_workers)
     paths = list_inputs(args.images)
     ensure_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     if args.sort_into:

@@ -23,9 +23,9 @@ import data
 from model import TAPPABLE, build_model, compute_loss, forward_with_taps, use_exact_float32
 from runs import (ACC_DECIMALS, absolute_paths, claim_run_dir, is_complete, planned_subset, record_provenance,
                   run_number, run_settings, set_aside_previous_attempt, set_fingerprint)
-from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, load_checkpoint,
-                   parse_ratio_or_all, ratio_folder_name, ratio_text, run_main, signals_deferred, variant_name,
-                   write_json_atomic)
+from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, decoding_workers,
+                   load_checkpoint, parse_ratio_or_all, ratio_folder_name, ratio_text, run_main, signals_deferred,
+                   variant_name, write_json_atomic)
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
 # flags that --resume accepts: they change how fast a run goes, not its result (see runs.run_settings)
@@ -118,8 +118,7 @@ def check_args(args):
             raise UserError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    decoding_workers(args.num_workers)   # refuses a negative value before anything is made
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer (0, 1, 2, ...), got {args.seed}")
     data.build_augment(args.augment)
@@ -169,8 +168,7 @@ def prepare_resume(args, given):
                         f"{' '.join('--' + f for f in refused)} would change its result and cannot be combined "
                         f"with --resume (allowed: {' '.join('--' + f for f in RESUME_FLAGS)}). "
                         f"Start a new run for other settings.")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    decoding_workers(args.num_workers)   # refuses a negative value before anything is made
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"--resume {run_dir}: no config.json there; give a run folder made by train.py")
@@ -194,7 +192,7 @@ def build_train_data(cfg, run_dir):
         set_fingerprint(cfg, run_settings(a, cfg["ratio"], cfg["seed"], data.subset_id(paths, a["train_data_root"])))
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
-    workers = a["num_workers"] if a["num_workers"] is not None else min(8, available_cpus())
+    workers = decoding_workers(a["num_workers"])
     with tqdm(total=len(paths), desc="decode+check", disable=None, file=sys.stderr) as bar:
         cache, bad = data.decode_all(paths, a["img_size"], num_workers=workers, keep=a["cache"], progress=bar)
     if bad:

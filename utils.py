@@ -69,6 +69,14 @@ def available_cpus():
     return os.cpu_count() or 1
 
 
+def decoding_workers(num_workers):
+    """--num_workers for decoding: as given (0 = decode in this process), else min(8, CPUs this process
+    may use); UserError when negative."""
+    if num_workers is not None and num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {num_workers}")
+    return num_workers if num_workers is not None else min(8, available_cpus())
+
+
 def ensure_output_dir(path, flag):
     """Create path if needed and check that a file can be written there -> path; WriteError naming
     flag and path otherwise (a file in the way, a read-only folder or file system, a full disk)."""

@@ -22,7 +22,7 @@ from model import build_model, confusion_matrix, metrics_from_confusion, use_exa
 from train import resolve_device
 from runs import (CELL_EXCLUDES, RUN_DIR_RE, RunNotReady, fingerprint, is_complete, load_best, run_number,
                   run_settings, setting_differences)
-from utils import UserError, available_cpus, ensure_output_dir, run_main, write_json_atomic, write_text_atomic
+from utils import UserError, decoding_workers, ensure_output_dir, run_main, write_json_atomic, write_text_atomic
 
 
 def get_args_parser():
@@ -273,13 +273,11 @@ def main(argv=None):
     variant_dirs = find_variant_dirs(args.model_root)
     if not os.path.isdir(args.test_data_root):
         raise UserError(f"--test_data_root {args.test_data_root} does not exist or is not a folder")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    workers = decoding_workers(args.num_workers)
     for folder in dict.fromkeys([args.model_root, *variant_dirs]):   # results go there: fail before evaluating
         ensure_output_dir(folder, "--model_root")
     for vdir in variant_dirs:
         check_cells(vdir)
-    workers = args.num_workers if args.num_workers is not None else min(8, available_cpus())
     tests, models = TestImages(args.test_data_root, workers), Models(device)
     all_variants, all_skipped = {}, []
     for vdir in variant_dirs:

@@ -134,6 +134,8 @@ def test_threshold_calibration_and_sorting(four_variants, labelled, tmp_path, ca
     assert (tmp_path / "c_threshold.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and cal["figure"].endswith(".png")
     with pytest.raises(UserError, match="--threshold"):
         predict.main(base + ["--out", str(tmp_path / "x.csv"), "--threshold", "elk=0.3"])
+    with pytest.raises(UserError, match="--num_workers must be 0 or more"):
+        predict.main(base + ["--out", str(tmp_path / "y.csv"), "--num_workers", "-1"])
 
 
 def test_training_on_a_folder_as_it_is(image_data, tmp_path):
