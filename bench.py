@@ -6,8 +6,9 @@
 For each image size and batch size it measures, each in a fresh process (so that peak RSS belongs to
 one configuration):
   compute    the model's compute-only limit: train steps of the same model, optimizer and loss on one
-             ready tensor batch already on the device (no loader), alternating rounds without and
-             with --contrastive (taps + feature-similarity loss): contrastive_overhead
+             ready tensor batch already on the device (no loader), alternating rounds of the baseline
+             and of each loss of --losses (the paper's feature-similarity loss and the baselines'):
+             loss_overhead, each a step's time over the baseline's (contrastive_overhead: the paper's)
   train      train.py itself (in-process main()), 6 epochs, with the compute-only limit timed in the
              same process before the first epoch and after each one; each epoch's img/s is divided by
              the mean of the limits around it: train_vs_compute_limit = the median over epochs 2-6
@@ -36,6 +37,7 @@ from utils import available_cpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ("class-a", "class-b")
+LOSS_METHODS = ("contrastive", "focal", "cb", "ldam_drw", "la", "oversample+supcon")   # timed against baseline
 GFLOP_PER_TRAIN_IMAGE_224 = 10.9   # ResNet-18 forward + backward on one 224 px image (3 x 1.82 GFLOP, rounded)
 
 
@@ -72,6 +74,9 @@ def get_args_parser():
     p.add_argument("--concurrent", nargs="+", type=int, default=[], help="also measure the total training img/s "
                    "of N train.py processes started together on the device (first image and batch size), "
                    "e.g. 1 2 4 8")
+    p.add_argument("--losses", nargs="*", default=list(LOSS_METHODS), help="methods whose loss is timed against "
+                   "the baseline's step in the compute measurement: loss_overhead (default: " + " ".join(LOSS_METHODS)
+                   + "; none: give --losses alone)")
     p.add_argument("--measure", help=argparse.SUPPRESS)   # internal: one measurement in this process
     p.add_argument("--img_size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
@@ -145,57 +150,75 @@ def train_options(args, device):
 
 
 def compute_stepper(args, device):
-    """-> step(contrastive): one train step of the same model, optimizer and loss on one ready batch
+    """-> step(method): one train step of the same model, optimizer and loss on one ready batch
     already on the device (no loader, no decoding): the model's compute-only limit, with train.py's
-    autocast and compile choices (--train_flags)."""
+    autocast and compile choices (--train_flags). method: 'baseline' or one of LOSS_METHODS, with its
+    loss as train.py builds it (DRW's weights on; LDAM on its cosine head, a second model); the
+    sampler does not enter a step."""
     import torch
-    from model import compute_loss
-    from train import Tapped
+    import train
+    from losses import Criterion, method_flags
+    from model import build_model, head_of
     cuda = device.type == "cuda"
     amp, compiled = train_options(args, device)
     model, opt = model_and_optimizer(device)
-    nets = {False: Tapped(model, ()), True: Tapped(model, ("layer3", "layer4"))}
-    if compiled:
-        nets = {k: torch.compile(v) for k, v in nets.items()}
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if cuda else x
     y = torch.arange(args.batch_size, device=device) % 2
+    steps = {}
+    for method in ("baseline", *args.losses):
+        a = vars(train.get_args_parser().parse_args(method_flags(method) + ["--num_epochs", "1", "--drw_start", "0.5"]))
+        criterion = Criterion(a, [args.images_per_class, max(1, args.images_per_class // 100)], device)
+        criterion.set_epoch(1)
+        net, optimizer = model, opt
+        if head_of(a) != "linear":
+            net = build_model(2, "none", head_of(a)).to(device, memory_format=torch.channels_last if cuda else
+                                                       torch.contiguous_format)
+            optimizer = train.make_optimizer("adam", net.parameters(), 1e-3)
+        tapped = train.Tapped(net, a["contrastive_layers"] if criterion.aux != "none" else ())
+        steps[method] = (torch.compile(tapped) if compiled else tapped, criterion, optimizer)
 
-    def step(contrastive):
+    def step(method):
+        net, criterion, optimizer = steps[method]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, feats = nets[contrastive](x)
-        loss, _ = compute_loss(logits, feats, y)
-        opt.zero_grad(set_to_none=True)
+            logits, feats = net(x)
+        loss, _ = criterion(logits, feats, y)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
     return step
 
 
-def time_steps(step, contrastive, n, device):
+def time_steps(step, method, n, device):
     """Seconds per step over n steps."""
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
-        step(contrastive)
+        step(method)
     _sync(device)
     return (time.perf_counter() - t0) / n
 
 
 def measure_compute(args, rounds=5):
-    """Compute-only img/s without and with the contrastive loss, in alternating rounds so that both see
-    the same machine state; contrastive_overhead = median over rounds of (step with / step without)."""
+    """Compute-only img/s of the baseline and of each loss of --losses, in alternating rounds so that all
+    see the same machine state; loss_overhead[method] = median over rounds of (its step / baseline's
+    step); contrastive_overhead = that of the paper's loss."""
     device = _device(args.device)
     step = compute_stepper(args, device)
     n = max(1, args.steps // rounds)
-    for c in (False, True, False, True):
-        step(c)                                  # warm-up
-    plain, contr = [], []
+    methods = ["baseline", *args.losses]
+    for m in methods * 2:
+        step(m)                                  # warm-up
+    t = {m: [] for m in methods}
     for _ in range(rounds):
-        plain.append(time_steps(step, False, n, device))
-        contr.append(time_steps(step, True, n, device))
-    return {"img_per_s": args.batch_size / float(np.median(plain)),
-            "contrastive_img_per_s": args.batch_size / float(np.median(contr)),
-            "contrastive_overhead": float(np.median([c / p for c, p in zip(contr, plain)]))}
+        for m in methods:
+            t[m].append(time_steps(step, m, n, device))
+    overhead = {m: float(np.median([a / b for a, b in zip(t[m], t["baseline"])])) for m in args.losses}
+    out = {"img_per_s": args.batch_size / float(np.median(t["baseline"])), "loss_overhead": overhead}
+    if "contrastive" in overhead:
+        out.update(contrastive_img_per_s=args.batch_size / float(np.median(t["contrastive"])),
+                   contrastive_overhead=overhead["contrastive"])
+    return out
 
 
 def measure_train(args, epochs=6):
@@ -214,13 +237,13 @@ def measure_train(args, epochs=6):
     if args.num_workers is not None:
         argv += ["--num_workers", str(args.num_workers)]
     device = _device(args.device)
-    step = compute_stepper(args, device)
-    step(False)
+    step = compute_stepper(argparse.Namespace(**{**vars(args), "losses": []}), device)
+    step("baseline")
     n = max(3, args.steps // 4)
-    limit = [time_steps(step, False, n, device)]     # limit[e]: seconds per step after epoch e
+    limit = [time_steps(step, "baseline", n, device)]     # limit[e]: seconds per step after epoch e
 
     def epoch_done(epoch, metrics):
-        limit.append(time_steps(step, False, n, device))
+        limit.append(time_steps(step, "baseline", n, device))
     t0 = time.perf_counter()
     run = train.main(argv, epoch_done=epoch_done)
     total = time.perf_counter() - t0
@@ -355,7 +378,8 @@ def run_measure(args):
 def child(args, name, size, batch, steps, train_cap=0):
     cmd = [sys.executable, os.path.abspath(__file__), "--measure", name, "--img_size", str(size),
            "--batch_size", str(batch), "--steps", str(steps), "--device", args.device, "--work_dir", args.work_dir,
-           "--eval_runs", str(args.eval_runs), "--train_cap", str(train_cap), f"--train_flags={args.train_flags}"]
+           "--eval_runs", str(args.eval_runs), "--train_cap", str(train_cap), f"--train_flags={args.train_flags}",
+           "--images_per_class", str(args.images_per_class), "--losses", *args.losses]
     if args.num_workers is not None:
         cmd += ["--num_workers", str(args.num_workers)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -395,12 +419,14 @@ def measure_config(args, size, batch, cpu):
               + (f", CUDA {r[m]['peak_cuda_MiB']:.0f} MiB" if "peak_cuda_MiB" in r[m] else ""), flush=True)
     r["train_vs_compute_limit"] = r["train"]["vs_compute_limit"]
     r["train_vs_naive"] = r["train"]["img_per_s"] / r["naive"]["img_per_s"] if "naive" in r else None
-    r["contrastive_overhead"] = r["compute"]["contrastive_overhead"]
+    r["contrastive_overhead"] = r["compute"].get("contrastive_overhead")
+    r["loss_overhead"] = r["compute"]["loss_overhead"]
     print(f"{size} px, batch {b}{' ' + args.train_flags if args.train_flags else ''}: train "
           f"{r['train']['img_per_s']:.1f} img/s vs compute limit "
           f"{r['train']['compute_img_per_s']:.1f} img/s in the same process = {r['train_vs_compute_limit']:.3f}; "
           + (f"train/naive {r['train_vs_naive']:.2f}x; " if r["train_vs_naive"] else "")
-          + f"contrastive overhead {r['contrastive_overhead']:.3f}; "
+          + "loss overhead " + (", ".join(f"{m} {v:.3f}" for m, v in r["loss_overhead"].items()) or "not timed")
+          + "; "
           f"data wait {r['train']['data_wait_fraction']:.1%}; image cache {r['train']['cache_MiB']:.0f} MiB", flush=True)
     return r
 
@@ -478,7 +504,8 @@ def main():
     summary = {"device": name, "img_size": args.img_sizes, "train_flags": args.train_flags,
                "train_vs_naive": round(first["train_vs_naive"], 3) if first["train_vs_naive"] else None,
                "train_vs_compute_limit": round(first["train_vs_compute_limit"], 3),
-               "contrastive_overhead": round(first["contrastive_overhead"], 3),
+               "contrastive_overhead": first["contrastive_overhead"] and round(first["contrastive_overhead"], 3),
+               "loss_overhead": _round(first["loss_overhead"]),
                "eval_speedup": round(evals[0]["eval_speedup"], 3) if evals else None,
                "eval_img_size": evals[0]["img_size"] if evals else None,
                "per_config": [_round({
@@ -487,7 +514,7 @@ def main():
                    "naive_img_per_s": c["naive"]["img_per_s"] if "naive" in c else None,
                    "train_vs_compute_limit": c["train_vs_compute_limit"],
                    "train_vs_naive": c["train_vs_naive"], "contrastive_overhead": c["contrastive_overhead"],
-                   "data_wait_fraction": c["train"]["data_wait_fraction"], "cache_MiB": c["train"]["cache_MiB"],
+                   "loss_overhead": c["loss_overhead"], "data_wait_fraction": c["train"]["data_wait_fraction"], "cache_MiB": c["train"]["cache_MiB"],
                    "peak_rss_MiB": {m: c[m]["peak_rss_MiB"] for m in ("compute", "train", "naive") if m in c},
                    "peak_cuda_MiB": {m: c[m].get("peak_cuda_MiB") for m in ("compute", "train", "naive") if m in c},
                    **throughput_figures(c, args.peak_tflops)})

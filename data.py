@@ -335,7 +335,7 @@ class ImageSet(Dataset):
         return self.__getitems__([key])[0]
 
 
-SAMPLERS = ("uniform", "oversample")
+SAMPLERS = ("uniform", "oversample", "sqrt")
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -346,7 +346,10 @@ class EpochBatches(torch.utils.data.Sampler):
     sampler 'uniform': every image once per epoch, in a random order. 'oversample': draws with
     replacement, probability 1 / (count of the image's class), num_classes x (largest class count)
     draws per epoch: every class is drawn as often as the majority class, in expectation (1:1 as in
-    the paper; what torch's WeightedRandomSampler does, from numpy's PCG64 here).
+    the paper; what torch's WeightedRandomSampler does, from numpy's PCG64 here). 'sqrt': square-root
+    sampling (Mahajan et al. 2018; Kang et al., ICLR 2020): class j drawn with probability
+    proportional to sqrt(n_j), images of a class equally likely, with replacement; as many draws per
+    epoch as there are training images (the same number of steps as 'uniform').
     A last batch of a single image is left out (BatchNorm and the B x B similarity need two); with the
     next epoch's reshuffle that image is seen in another epoch.
     """
@@ -360,7 +363,7 @@ class EpochBatches(torch.utils.data.Sampler):
         self.counts = np.bincount(self.labels, minlength=num_classes)
         assert (self.counts > 0).all(), "every class needs at least one image"
         self.batch_size, self.sampler, self.seed, self.epoch = batch_size, sampler, seed, 1
-        self.length = len(self.labels) if sampler == "uniform" else num_classes * int(self.counts.max())
+        self.length = num_classes * int(self.counts.max()) if sampler == "oversample" else len(self.labels)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -371,8 +374,8 @@ class EpochBatches(torch.utils.data.Sampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         if self.sampler == "uniform":
             order = rng.permutation(len(self.labels))
-        else:
-            p = 1.0 / self.counts[self.labels]
+        else:   # per image: 1 / n_j (oversample) or sqrt(n_j) / n_j (sqrt), for an image of class j
+            p = 1.0 / self.counts[self.labels] if self.sampler == "oversample" else self.counts[self.labels] ** -0.5
             order = rng.choice(len(self.labels), size=self.length, replace=True, p=p / p.sum())
         return order, rng.integers(0, 2 ** 63, size=len(order), dtype=np.int64)
 

@@ -1,4 +1,5 @@
-"""ResNet-18 with feature taps, the paper's feature-similarity loss (equations (1)-(3)) and evaluation."""
+"""ResNet-18 with feature taps (and the cosine-normalised head of LDAM), and evaluation. The losses are in
+losses.py."""
 import os
 import urllib.error
 
@@ -12,15 +13,34 @@ from utils import UserError, load_checkpoint
 TAPPABLE = ("layer1", "layer2", "layer3", "layer4")
 
 
-def build_model(num_classes, weights="imagenet"):
-    """torchvision resnet18 with a num_classes head.
+class CosineHead(torch.nn.Module):
+    """The cosine-normalised last layer of LDAM (Cao et al., NeurIPS 2019; their NormedLinear):
+    logits_j = s cos(theta_j) = s (x / |x|) . (w_j / |w_j|), no bias, s = --ldam_scale (30).
+    x (B, D) -> (B, K). The scale is a buffer, so a checkpoint carries it."""
+
+    def __init__(self, in_features, num_classes, scale=30.0):
+        super().__init__()
+        w = torch.empty(num_classes, in_features).uniform_(-1, 1)
+        self.weight = torch.nn.Parameter(w / w.norm(dim=1, keepdim=True))      # (K, D), unit rows as theirs
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, x):
+        return self.scale * F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()   # (B, K)
+
+
+def head_of(args):
+    """'cosine' for a run trained with LDAM, else 'linear': train.py's arguments (a dict) -> head."""
+    return "cosine" if args.get("loss") == "ldam" else "linear"
+
+
+def build_model(num_classes, weights="imagenet", head="linear", scale=30.0):
+    """torchvision resnet18 with a num_classes head: linear (torchvision's fc), or cosine (CosineHead
+    with scale, for LDAM).
 
     weights: 'imagenet' (torchvision's IMAGENET1K_V1, downloaded once into the torch hub cache),
-    'none' (random initialisation), or a path to a state_dict / a train.py checkpoint. The head (fc) is
-    kept only when its shape fits num_classes.
+    'none' (random initialisation), or a path to a state_dict / a train.py checkpoint. The file's head
+    (fc) is kept only when its keys and shapes fit the head asked for.
     """
-    if weights == "none":
-        return torchvision.models.resnet18(num_classes=num_classes)
     if weights == "imagenet":
         try:
             model = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
@@ -29,7 +49,17 @@ def build_model(num_classes, weights="imagenet"):
                             f"Without internet use --weights none, or --weights PATH to a resnet18 state_dict "
                             f"file (e.g. resnet18-f37072fd.pth copied into {torch.hub.get_dir()}/checkpoints).")
         model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
-        return model
+    else:
+        model = torchvision.models.resnet18(num_classes=num_classes)
+    if head == "cosine":
+        model.fc = CosineHead(model.fc.in_features, num_classes, scale)
+    if weights not in ("imagenet", "none"):
+        load_weights_file(model, weights)
+    return model
+
+
+def load_weights_file(model, weights):
+    """Load a resnet18 state_dict (or a train.py checkpoint) from the file weights into model."""
     if not os.path.isfile(weights):
         raise UserError(f"--weights {weights!r}: no such file; valid values are imagenet, none or a path "
                         f"to a state_dict file")
@@ -38,15 +68,21 @@ def build_model(num_classes, weights="imagenet"):
         state = state["model"]  # a train.py checkpoint
     if not isinstance(state, dict):
         raise UserError(f"--weights {weights}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
-    model = torchvision.models.resnet18(num_classes=num_classes)
-    head = {k: v for k, v in state.items() if k.startswith("fc.")}
-    if head and head.get("fc.weight", torch.empty(0)).shape != model.fc.weight.shape:
+    ours = {k: v.shape for k, v in model.state_dict().items() if k.startswith("fc.")}
+    theirs = {k: getattr(v, "shape", None) for k, v in state.items() if k.startswith("fc.")}
+    if theirs != ours:                                   # another head: keep the new one
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise UserError(f"--weights {weights}: not a resnet18 state_dict (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
+
+
+def build_trained(cfg, state):
+    """The model of a trained run (config.json's cfg, its checkpoint's state_dict), on the CPU."""
+    model = build_model(len(cfg["classes"]), "none", head_of(cfg["args"]))
+    model.load_state_dict(state)
     return model
 
 
@@ -65,32 +101,6 @@ def forward_with_taps(model, x, taps=()):
             feats[name] = x.mean(dim=(2, 3))  # (B, C_l)
     logits = model.fc(torch.flatten(model.avgpool(x), 1))  # (B, K)
     return logits, feats
-
-
-def feature_similarity_loss(h, labels):
-    """L_c^l = MSE(S^l, T) for one stage, equations (1)-(3) of the paper.
-
-    Args:
-        h: (B, D) pooled features h_i^l of one stage, any float dtype (computed in float32).
-        labels: (B,) integer class labels c_i.
-    Returns:
-        scalar tensor: mean over the B x B entries of (s_ij - t_ij)^2.
-    """
-    z = F.normalize(h.float(), dim=1)                                # (B, D), h_i / ||h_i||
-    S = z @ z.t()                                                    # (B, B), eq. (1): cosine similarity
-    T = (labels[:, None] == labels[None, :]).to(S.dtype)             # (B, B), eq. (2): 1 same class, else 0
-    return F.mse_loss(S, T)                                          # eq. (3): L_c^l
-
-
-def compute_loss(logits, feats, labels, contrastive_weight=1.0):
-    """L_total = CE + contrastive_weight * sum_l L_c^l (eq. (3)); returns (total, {term: value})."""
-    ce = F.cross_entropy(logits.float(), labels)
-    terms = {"ce": ce}
-    total = ce
-    for name, h in feats.items():
-        terms[f"L_c[{name}]"] = feature_similarity_loss(h, labels)
-        total = total + contrastive_weight * terms[f"L_c[{name}]"]
-    return total, terms
 
 
 @torch.inference_mode()

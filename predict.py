@@ -24,7 +24,7 @@ import torchvision
 from tqdm import tqdm
 
 import data
-from model import build_model, use_exact_float32
+from model import build_trained, use_exact_float32
 from runs import RunNotReady, load_best
 from train import resolve_device
 from utils import UserError, decoding_workers, ensure_output_dir, load_checkpoint, run_main, write_json_atomic
@@ -78,8 +78,7 @@ def load_models(args, device):
                             f"an ensemble needs the same classes in the same order")
     models = []
     for src, cfg, ckpt in sources:
-        model = build_model(len(classes), "none")
-        model.load_state_dict(ckpt["model"])
+        model = build_trained(cfg, ckpt["model"])
         model = model.to(device, memory_format=torch.channels_last)         # as validation.py: faster on CPU and CUDA
         models.append((model.eval(), src, ckpt.get("epoch"), cfg["args"]["img_size"]))
     return models, classes

@@ -22,11 +22,11 @@ import time
 
 import slurm
 from runs import is_complete, planned_settings, setting_differences
-from utils import VARIANTS, UserError, ensure_output_dir, parse_ratio_or_all, ratio_folder_name, run_main
+from losses import PAPER_NAMES, method_flags, parse_method
+from utils import UserError, ensure_output_dir, parse_ratio_or_all, ratio_folder_name, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANT_FLAGS = {"baseline": [], "contrastive": ["--contrastive"], "oversampling": ["--oversampling"],
-                 "proposed": ["--contrastive", "--oversampling"]}
+METHOD_FLAGS = ("--contrastive", "--oversampling", "--loss", "--sampler", "--drw", "--aux", "--fscl_negative")
 
 
 def get_args_parser():
@@ -35,7 +35,10 @@ def get_args_parser():
     p.add_argument("--test_data_root", help="test ImageFolder for validation.py (omit to train only)")
     p.add_argument("--classes", nargs="+", required=True, help="the first is the majority class")
     p.add_argument("--save_root", default="./saved_runs")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="default: all four")
+    p.add_argument("--variants", nargs="+", default=list(PAPER_NAMES.values()),
+                   help="methods (README, Methods): default the paper's four (baseline contrastive oversampling "
+                   "proposed); also focal cb ldam_drw la sqrt oversample+supcon oversample+fscl_neg1, or any "
+                   "combination named as losses.method_name names it")
     p.add_argument("--ratios", nargs="+", default=["1", "0.1", "0.01", "0.005", "0.001"],
                    help="minority fractions; every non-reference class gets it (paper: 1 0.1 0.01 0.005 0.001); "
                    "'all' trains on the folder as it is")
@@ -50,6 +53,8 @@ def get_args_parser():
     p.add_argument("--eval_precision", choices=("fp32", "bf16"), default="fp32",
                    help="validation.py --precision (default fp32: exact float32; bf16 is faster where native)")
     p.add_argument("--paper", choices=["coarse", "fine"], default=None, help="show the paper's Table 1 beside ours")
+    p.add_argument("--reference", default=None, help="report.py --reference: the method every other one is "
+                   "compared with, run by run (default: proposed, when among --variants)")
     g = p.add_argument_group("Slurm")
     g.add_argument("--slurm", action="store_true", help="write <save_root>/slurm/train_array.sbatch (one task per "
                    "cell still to train) and eval.sbatch (after the array, afterany), and submit both with sbatch; "
@@ -63,13 +68,15 @@ def get_args_parser():
 def parse(argv):
     """-> (reproduce args, train.py flags passed through unchanged)."""
     args, passthrough = get_args_parser().parse_known_args(argv)
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad:
-        raise UserError(f"--variants {' '.join(bad)}: choose from {' '.join(VARIANTS)}")
-    for flag in ("--seed", "--run_id", "--resume", "--contrastive", "--oversampling", "--ratio"):
+    for v in args.variants:
+        try:
+            parse_method(v)
+        except UserError as e:
+            raise UserError(f"--variants: {e}")
+    for flag in ("--seed", "--run_id", "--resume", "--ratio", *METHOD_FLAGS):
         if any(a == flag or a.startswith(flag + "=") for a in passthrough):
             raise UserError(f"{flag} cannot be passed through reproduce.py: it sets it per cell "
-                            f"(each run_k is seeded with k)")
+                            f"(each run_k is seeded with k; the method comes from --variants)")
     if args.runs < 1 or args.jobs < 1 or args.jobs_per_gpu < 1 or (args.max_parallel or 1) < 1:
         raise UserError("--runs, --jobs, --jobs_per_gpu and --max_parallel must be at least 1")
     if args.slurm and (args.task_id is not None or args.eval_only or args.gpus):
@@ -106,7 +113,7 @@ def cell_command(args, passthrough, cell):
 def fresh_command(args, passthrough, cell):
     variant, ratio, k = cell
     return ["train.py", "--train_data_root", args.train_data_root, "--classes", *args.classes,
-            "--ratio", ratio, "--save_root", args.save_root, "--run_id", str(k), *VARIANT_FLAGS[variant], *passthrough]
+            "--ratio", ratio, "--save_root", args.save_root, "--run_id", str(k), *method_flags(variant), *passthrough]
 
 
 def mismatch(args, passthrough, cell, run_dir):
@@ -258,7 +265,8 @@ def evaluate(args):
     except SystemExit as e:
         if e.code:
             raise UserError(f"validation.py evaluated nothing under {args.save_root}")
-    report.main(["--save_root", args.save_root] + (["--paper", args.paper] if args.paper else []))
+    report.main(["--save_root", args.save_root] + (["--reference", args.reference] if args.reference else [])
+                + (["--paper", args.paper] if args.paper else []))
 
 
 def _on_sigterm(signum, frame):

@@ -14,6 +14,7 @@ import torch
 import torchvision
 
 import data
+from losses import method_settings
 from utils import UserError, WriteError, describe_os_error, load_checkpoint
 
 RUN_DIR_RE = re.compile(r"^run_(\d+)$")
@@ -107,8 +108,8 @@ def _sha256_of(path, size, mtime_ns):
 
 def run_settings(args, ratio, seed, subset_sha1):
     """Everything that changes a run's result, as plain values: the data (absolute root, classes, ratio,
-    cap, the planned subset's sha1), the method (variant flags; the contrastive layers and weight only
-    when the contrastive term is on), the optimisation (epochs, batch, lr, optimizer, image size,
+    cap, the planned subset's sha1), the method (losses.method_settings: the paper's two flags, the
+    baselines' choices and each hyperparameter only where it is used), the optimisation (epochs, batch, lr, optimizer, image size,
     initial weights: a file by its sha256, augmentation, bf16 autocast) and the seed. Not the device,
     workers, cache, compile, channels_last or where outputs go: they change how fast, not what.
     args: train.py's arguments as a dict (paths already absolute)."""
@@ -119,10 +120,8 @@ def run_settings(args, ratio, seed, subset_sha1):
          "ratio": ratio if ratio == "all" else list(ratio),
          "max_per_class": args["max_per_class"], "img_size": args["img_size"], "num_epochs": args["num_epochs"],
          "batch_size": args["batch_size"], "lr": args["lr"], "optimizer": args["optimizer"], "weights": weights,
-         "augment": args["augment"], "amp": args["amp"], "contrastive": bool(args["contrastive"]),
-         "oversampling": bool(args["oversampling"])}
-    if args["contrastive"]:
-        s.update(contrastive_layers=list(args["contrastive_layers"]), contrastive_weight=args["contrastive_weight"])
+         "augment": args["augment"], "amp": args["amp"]}
+    s.update(method_settings(args))
     s.update(seed=seed, planned_subset_sha1=subset_sha1)
     return s
 

@@ -20,12 +20,14 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import TAPPABLE, build_model, compute_loss, forward_with_taps, use_exact_float32
+from losses import (AUX_LOSSES, CLASSIFICATION_LOSSES, DEFAULTS, SAMPLERS, Criterion, check_method, method_choices,
+                    method_name)
+from model import TAPPABLE, build_model, forward_with_taps, head_of, use_exact_float32
 from runs import (ACC_DECIMALS, absolute_paths, claim_run_dir, is_complete, planned_subset, record_provenance,
                   run_number, run_settings, set_aside_previous_attempt, set_fingerprint)
 from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, decoding_workers,
                    load_checkpoint, parse_ratio_or_all, ratio_folder_name, ratio_text, run_main, signals_deferred,
-                   variant_name, write_json_atomic)
+                   write_json_atomic)
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
 # flags that --resume accepts: they change how fast a run goes, not its result (see runs.run_settings)
@@ -45,13 +47,40 @@ def get_args_parser():
                    "with --ratio all, a cap on every class, and only when given")
     g.add_argument("--save_root", default="./saved_runs", help="runs go to <save_root>/<variant>/<ratio>/run_X")
     g = p.add_argument_group("method")
-    g.add_argument("--contrastive", action="store_true", help="add the feature-similarity loss (eq. 3)")
-    g.add_argument("--oversampling", action="store_true",
-                   help="1:1 class balance: draws with replacement at probability 1 / class count (as "
-                   "WeightedRandomSampler); epoch = #classes x largest class count")
+    g.add_argument("--contrastive", action="store_true", help="add the feature-similarity loss (eq. 3); "
+                   "the same as --aux fscl")
+    g.add_argument("--oversampling", action="store_true", help="the same as --sampler oversample (the paper's)")
+    g.add_argument("--loss", default="ce", choices=list(CLASSIFICATION_LOSSES),
+                   help="classification loss: ce (paper), focal (Lin et al. 2017), cb (class-balanced, Cui et al. "
+                   "2019), ldam (Cao et al. 2019; cosine-normalised head), la (logit adjustment, Menon et al. 2021)")
+    g.add_argument("--sampler", default="uniform", choices=list(SAMPLERS),
+                   help="uniform: every image once per epoch; oversample: 1:1 class balance, draws with replacement "
+                   "at probability 1 / class count (as WeightedRandomSampler), epoch = #classes x largest class "
+                   "count; sqrt: class probability proportional to sqrt(class count) (Mahajan et al. 2018), "
+                   "draws with replacement, epoch = number of training images")
+    g.add_argument("--drw", action="store_true", help="deferred re-weighting (Cao et al. 2019): class-balanced "
+                   "weights (--cb_beta) on the classification loss from --drw_start of the epochs on")
+    g.add_argument("--aux", default="none", choices=list(AUX_LOSSES),
+                   help="auxiliary loss on the tapped stages: none, fscl (the paper's, eq. 3), supcon (supervised "
+                   "contrastive, Khosla et al. 2020)")
+    g.add_argument("--fscl_negative", type=int, default=0, choices=(0, -1),
+                   help="T_ij for different classes in eq. (2) (paper: 0)")
     g.add_argument("--contrastive_layers", nargs="+", default=["layer3", "layer4"],
-                   help="ResNet stages tapped for L_c (paper: layer3 layer4)")
-    g.add_argument("--contrastive_weight", type=float, default=1.0, help="weight of sum_l L_c^l (paper: 1)")
+                   help="ResNet stages tapped for the auxiliary loss (paper: layer3 layer4)")
+    g.add_argument("--contrastive_weight", type=float, default=1.0, help="weight of sum_l of the auxiliary loss "
+                   "(paper: 1 for L_c^l)")
+    g = p.add_argument_group("hyperparameters of the baselines (published defaults)")
+    g.add_argument("--focal_gamma", type=float, default=DEFAULTS["focal_gamma"], help="focal loss gamma (2)")
+    g.add_argument("--cb_beta", type=float, default=DEFAULTS["cb_beta"],
+                   help="class-balanced beta, for --loss cb and --drw (0.9999)")
+    g.add_argument("--ldam_max_margin", type=float, default=DEFAULTS["ldam_max_margin"],
+                   help="LDAM's largest margin, that of the rarest class (0.5)")
+    g.add_argument("--ldam_scale", type=float, default=DEFAULTS["ldam_scale"], help="LDAM's scale s (30)")
+    g.add_argument("--la_tau", type=float, default=DEFAULTS["la_tau"], help="logit adjustment tau (1)")
+    g.add_argument("--drw_start", type=float, default=DEFAULTS["drw_start"],
+                   help="fraction of the epochs before DRW's weights start (0.8: epochs 81-100 of 100)")
+    g.add_argument("--supcon_temperature", type=float, default=DEFAULTS["supcon_temperature"],
+                   help="supervised contrastive temperature (0.1)")
     g.add_argument("--augment", default="paper", help="paper = RandAugment + ColorJitter per image (paper); "
                    "plain = resize only")
     g = p.add_argument_group("optimisation")
@@ -121,6 +150,7 @@ def check_args(args):
     decoding_workers(args.num_workers)   # refuses a negative value before anything is made
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer (0, 1, 2, ...), got {args.seed}")
+    check_method(args)
     data.build_augment(args.augment)
     parse_ratio_or_all(args.ratio, args.classes)
 
@@ -147,13 +177,13 @@ def prepare_run(args, given):
         return prepare_resume(args, given)
     check_args(args)
     ratio = parse_ratio_or_all(args.ratio, args.classes)
-    variant = variant_name(args.contrastive, args.oversampling)
+    variant = method_name(method_choices(vars(args)))
     data.find_class_images(args.train_data_root, args.classes)  # fail before creating a folder
     run_dir = claim_run_dir(os.path.join(args.save_root, variant, ratio_folder_name(ratio)), args.run_id)
     if args.run_id is not None:
         set_aside_previous_attempt(run_dir)
     cfg = {"args": resolved_args(args, given),
-           "variant": variant, "classes": list(args.classes), "ratio": ratio,
+           "variant": variant, "method": method_choices(vars(args)), "classes": list(args.classes), "ratio": ratio,
            "seed": args.seed if args.seed is not None else run_number(run_dir), "cwd": os.getcwd()}
     return run_dir, cfg, None
 
@@ -228,7 +258,7 @@ def make_loader(dataset, labels, cfg, device, mp_context=None):
     workers = a["num_workers"] if a["num_workers"] is not None else (min(8, available_cpus())
                                                                      if device.type == "cuda" else 0)
     batches = data.EpochBatches(labels, len(a["classes"]), a["batch_size"],
-                                "oversample" if a["oversampling"] else "uniform", cfg["seed"])
+                                method_choices(a)["sampler"], cfg["seed"])
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                                          persistent_workers=workers > 0,
@@ -267,7 +297,7 @@ class Tapped(torch.nn.Module):
         return forward_with_taps(self.model, x, self.taps)
 
 
-def train_one_epoch(net, loader, optimizer, device, cfg, desc):
+def train_one_epoch(net, loader, optimizer, criterion, device, cfg, desc):
     """One pass over the loader; returns a dict of metrics for the epoch."""
     a = cfg["args"]
     K = len(a["classes"])
@@ -288,7 +318,7 @@ def train_one_epoch(net, loader, optimizer, device, cfg, desc):
         x, y = to_input(x), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits, feats = net(x)
-        loss, terms = compute_loss(logits, feats, y, a["contrastive_weight"])
+        loss, terms = criterion(logits, feats, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -310,7 +340,7 @@ def epoch_metrics(sums, names, seen, correct, classes, seconds, data_s):
     n = sum(seen)
     out = {"train_acc": round(sum(correct) / n, ACC_DECIMALS),
            "per_class_acc": {c: round(correct[k] / seen[k], 4) if seen[k] else None for k, c in enumerate(classes)}}
-    out.update({name: v / n for name, v in zip(names, sums)})
+    out.update({name: v / n for name, v in zip(names, sums)}, loss_terms=names)
     out.update(images=int(n), seconds=round(seconds, 2), img_per_s=round(n / seconds, 1),
                data_wait_fraction=round(data_s / seconds, 4))
     return out
@@ -326,7 +356,7 @@ def check_finite(sums, names, step, desc):
 
 def epoch_line(epoch, total, m, classes):
     per_class = " ".join(f"acc[{c}] {m['per_class_acc'][c]}" for c in classes)
-    losses = " ".join(f"{k} {m[k]:.4f}" for k in m if k == "loss" or k == "ce" or k.startswith("L_c["))
+    losses = " ".join(f"{k} {m[k]:.4f}" for k in m["loss_terms"])
     return (f"Epoch {epoch}/{total} | Train Acc {m['train_acc']:.{ACC_DECIMALS}f} | {per_class} | {losses} | "
             f"{m['seconds']:.1f}s {m['img_per_s']:.0f} img/s data_wait {m['data_wait_fraction']:.1%}")
 
@@ -344,7 +374,8 @@ def main(argv=None, epoch_done=None):
     device = resolve_device(a["device"])
     try:
         torch.manual_seed(cfg["seed"])
-        model = build_model(len(a["classes"]), "none" if state else a["weights"]).to(device)
+        model = build_model(len(a["classes"]), "none" if state else a["weights"], head_of(a),
+                            a.get("ldam_scale", DEFAULTS["ldam_scale"])).to(device)
         dataset, labels = build_train_data(cfg, run_dir)
     except UserError:
         if not state and not os.listdir(run_dir):
@@ -365,10 +396,12 @@ def main(argv=None, epoch_done=None):
         optimizer.load_state_dict(state["optimizer"])
         start, best = state["epoch"] + 1, (state["best_epoch"], state["best_train_acc"])
         append_line(os.path.join(run_dir, "train.log"), f"Resumed from last.pth at epoch {state['epoch']}")
-    net = Tapped(model, a["contrastive_layers"] if a["contrastive"] else ())
+    criterion = Criterion(a, [cfg["counts"][c]["used"] for c in a["classes"]], device)
+    net = Tapped(model, a["contrastive_layers"] if criterion.aux != "none" else ())
     net = torch.compile(net) if a["compile"] else net
     loader, batches = make_loader(dataset, labels, cfg, device)
-    best = train_epochs(run_dir, cfg, net, model, optimizer, loader, batches, device, start, best, epoch_done)
+    best = train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches, device, start, best,
+                        epoch_done)
     summary = {"best_epoch": best[0], "best_train_acc": best[1], "epochs": a["num_epochs"]}
     append_line(os.path.join(run_dir, "train.log"), f"Finished: best epoch {best[0]} (Train Acc {best[1]:.{ACC_DECIMALS}f})")
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
@@ -376,7 +409,7 @@ def main(argv=None, epoch_done=None):
     return run_dir
 
 
-def train_epochs(run_dir, cfg, net, model, optimizer, loader, batches, device, start, best, epoch_done):
+def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches, device, start, best, epoch_done):
     """Epochs start..num_epochs, each recorded (checkpoints, train.log, metrics.jsonl) as a whole.
     An interrupt exits with 130; a refused write or a non-finite loss stops with a UserError; both say
     which epoch last.pth holds and how to continue. -> (best epoch, its Train Acc)."""
@@ -385,7 +418,8 @@ def train_epochs(run_dir, cfg, net, model, optimizer, loader, batches, device, s
     try:
         for epoch in range(start, a["num_epochs"] + 1):
             seed_epoch(cfg["seed"], epoch, batches)
-            m = train_one_epoch(net, loader, optimizer, device, cfg, f"epoch {epoch}/{a['num_epochs']}")
+            criterion.set_epoch(epoch)
+            m = train_one_epoch(net, loader, optimizer, criterion, device, cfg, f"epoch {epoch}/{a['num_epochs']}")
             if epoch_done is not None:
                 epoch_done(epoch, m)
             line = epoch_line(epoch, a["num_epochs"], m, a["classes"])

@@ -1,5 +1,5 @@
 """Shared helpers: user errors and file-system refusals, output folders, atomic files, signals, the
-background checkpoint writer, ratios and variant names.
+background checkpoint writer, ratios.
 
 Everything here is plain Python (plus torch for checkpoints); run folders and their configuration live
 in runs.py, the data pipeline in data.py, the model and loss in model.py.
@@ -16,9 +16,6 @@ import tempfile
 import threading
 
 import torch
-
-VARIANTS = ("baseline", "contrastive", "oversampling", "proposed")
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -126,10 +123,6 @@ def ratio_folder_name(ratio):
 def ratio_text(ratio):
     """[1.0, 0.01] -> '1:0.01'; 'all' stays 'all'."""
     return "all" if ratio == "all" else ":".join(f"{r:g}" for r in ratio)
-
-
-def variant_name(contrastive, oversampling):
-    return VARIANTS[int(bool(contrastive)) + 2 * int(bool(oversampling))]
 
 
 # ---------------------------------------------------------------- atomic files

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import data
-from model import build_model, confusion_matrix, metrics_from_confusion, use_exact_float32
+from model import build_model, confusion_matrix, head_of, metrics_from_confusion, use_exact_float32
 from train import resolve_device
 from runs import (CELL_EXCLUDES, RUN_DIR_RE, RunNotReady, fingerprint, is_complete, load_best, run_number,
                   run_settings, setting_differences)
@@ -159,23 +159,24 @@ class TestImages:
 
 
 class Models:
-    """One resnet18 per number of classes, on the device in channels_last (faster on CPU and CUDA);
-    each run only loads its weights into it, instead of building and initialising a new model."""
+    """One resnet18 per (number of classes, head), on the device in channels_last (faster on CPU and
+    CUDA); each run only loads its weights into it, instead of building and initialising a new model."""
 
     def __init__(self, device):
-        self.device, self.by_k = device, {}
+        self.device, self.by_kind = device, {}
 
-    def load(self, num_classes, state):
-        if num_classes not in self.by_k:
-            model = build_model(num_classes, "none")
-            self.by_k[num_classes] = model.to(self.device, memory_format=torch.channels_last)
-        self.by_k[num_classes].load_state_dict(state)
-        return self.by_k[num_classes]
+    def load(self, cfg, state):
+        kind = (len(cfg["classes"]), head_of(cfg["args"]))
+        if kind not in self.by_kind:
+            model = build_model(*kind[:1], "none", kind[1])
+            self.by_kind[kind] = model.to(self.device, memory_format=torch.channels_last)
+        self.by_kind[kind].load_state_dict(state)
+        return self.by_kind[kind]
 
 
 def evaluate_run(cfg, ckpt, tests, models, batch_size, precision):
     classes = cfg["classes"]
-    model = models.load(len(classes), ckpt["model"])
+    model = models.load(cfg, ckpt["model"])
     images, labels = tests.get(cfg["args"]["img_size"], classes)
     cm = confusion_matrix(model, images, labels, len(classes), models.device, batch_size, channels_last=True,
                           amp=precision == "bf16")

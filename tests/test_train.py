@@ -134,20 +134,21 @@ def test_amp_and_channels_last_apply_on_cuda_only(monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train = lambda mode=True: model
     net.train = lambda: None
-    train.train_one_epoch(net, loader, opt, torch.device("cpu"), cfg, "t")
+    from losses import Criterion
+    criterion = Criterion({"contrastive_weight": 1.0, "num_epochs": 1}, [2, 2], torch.device("cpu"))
+    train.train_one_epoch(net, loader, opt, criterion, torch.device("cpu"), cfg, "t")
     assert seen["autocast"] == ("cpu", False)      # --amp is a CUDA option: off on CPU
 
 
 def test_a_non_finite_loss_stops_the_run_with_a_clear_message(image_data, tmp_path, monkeypatch):
-    import model
-    import train
+    import losses
     from utils import UserError
-    real = model.compute_loss
+    real = losses.Criterion.__call__
 
     def nan_loss(*a, **k):
         total, terms = real(*a, **k)
         return total * float("nan"), terms
-    monkeypatch.setattr(train, "compute_loss", nan_loss)
+    monkeypatch.setattr(losses.Criterion, "__call__", nan_loss)
     with pytest.raises(UserError, match="non-finite"):
         run_train(image_data["train"], tmp_path)
     log = open(os.path.join(tmp_path, "baseline", "1_0.1", "run_1", "train.log")).read()
