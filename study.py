@@ -53,7 +53,7 @@ def reproduce_command(args, cond, roots):
             "--classes", *demo.CONDITIONS[cond], "--save_root", os.path.join(args.save_root, cond),
             "--variants", *args.methods, "--ratios", *args.ratios, "--runs", str(args.runs),
             "--num_epochs", str(args.num_epochs), "--max_per_class", str(args.max_per_class),
-            "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu"]
+            "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu", "--reference", args.reference]
 
 
 def main(argv=None):
@@ -79,7 +79,7 @@ def main(argv=None):
         cmd = reproduce_command(args, cond, roots)
         print(f"\n== {cond}: {' vs '.join(demo.CONDITIONS[cond])}\n$ {' '.join(cmd)}", flush=True)
         t = time.time()
-        rc = subprocess.run(cmd + ["--reference", args.reference]).returncode
+        rc = subprocess.run(cmd).returncode
         log["conditions"][cond] = {"seconds": round(time.time() - t), "exit": rc}
         if rc != 0:
             failed.append(cond)
