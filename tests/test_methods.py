@@ -125,3 +125,15 @@ def test_reproduce_refuses_an_unknown_method_and_method_flags_passed_through(ima
         reproduce.main(base + ["--variants", "lda"])
     with pytest.raises(UserError, match="--loss cannot be passed through"):
         reproduce.main(base + ["--loss", "la"])
+
+
+def test_the_study_plans_every_method_on_both_conditions(capsys):
+    import study
+    study.main(["--dry_run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("--runs 10" in l and "--ratios 0.1 0.01" in l and "--reference proposed" in l
+                                   for l in lines)
+    for name in losses.METHODS:
+        assert all(f" {name} " in l for l in lines)
+    with pytest.raises(UserError, match="--reference la is not among --methods"):
+        study.main(["--dry_run", "--methods", "baseline", "proposed", "--reference", "la"])
