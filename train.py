@@ -31,7 +31,7 @@ from utils import (BackgroundSaver, UserError, WriteError, append_line, availabl
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
 # flags that --resume accepts: they change how fast a run goes, not its result (see runs.run_settings)
-RESUME_FLAGS = ("device", "num_workers", "cache", "compile", "channels_last")
+RESUME_FLAGS = ("device", "num_workers", "cache", "compile", "channels_last", "keep_last")
 
 
 def get_args_parser():
@@ -110,6 +110,10 @@ def get_args_parser():
                    help="keep the decoded, resized uint8 training images in memory (N x 3 x S x S bytes; "
                    "the size is printed); --no-cache decodes each image on every visit")
     g.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    g.add_argument("--keep_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep last.pth (weights, optimizer and RNG states, 3x the size of best.pth) once the run has "
+                   "finished (default); --no-keep_last deletes it then: best.pth holds the evaluated model, and a "
+                   "finished run is never resumed")
     g = p.add_argument_group("runs")
     g.add_argument("--strict", action="store_true", help="refuse to train when an image file is broken "
                    "(default: skip it with a warning)")
@@ -405,6 +409,8 @@ def main(argv=None, epoch_done=None):
     summary = {"best_epoch": best[0], "best_train_acc": best[1], "epochs": a["num_epochs"]}
     append_line(os.path.join(run_dir, "train.log"), f"Finished: best epoch {best[0]} (Train Acc {best[1]:.{ACC_DECIMALS}f})")
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    if not a.get("keep_last", True):
+        os.remove(os.path.join(run_dir, "last.pth"))    # after summary.json: the run is complete without it
     print(f"finished {run_dir}: best epoch {best[0]}, Train Acc {best[1]:.{ACC_DECIMALS}f}", file=sys.stderr)
     return run_dir
 

@@ -165,3 +165,15 @@ def test_epoch_done_is_called_after_each_epoch_before_its_checkpoint(image_data,
     train.main(train_args(image_data["train"], str(tmp_path), "--num_epochs", "2"), epoch_done=epoch_done)
     # the current epoch's checkpoint is never written yet (the previous one may still be in flight)
     assert [c[:2] for c in calls] == [(1, 44), (2, 44)] and calls[0][2] is None and calls[1][2] in (None, 1)
+
+
+def test_no_keep_last_leaves_best_pth_only_and_the_run_still_evaluates(image_data, tmp_path):
+    from runs import load_best
+    run = run_train(image_data["train"], tmp_path, "--num_epochs", "2", "--no-keep_last")
+    assert sorted(f for f in os.listdir(run) if f.endswith(".pth")) == ["best.pth"]
+    cfg, ckpt, epoch, _ = load_best(run)
+    assert ckpt["epoch"] == epoch and cfg["args"]["keep_last"] is False
+    kept = run_train(image_data["train"], tmp_path / "kept", "--num_epochs", "2")
+    assert os.path.isfile(os.path.join(kept, "last.pth"))
+    a, b = (json.load(open(os.path.join(r, "config.json")))["fingerprint"] for r in (run, kept))
+    assert a == b                                            # the same run, only a file less
