@@ -133,8 +133,11 @@ METRICS = (("balanced_accuracy", "balanced accuracy"), ("minority", "minority ac
 def sign_flip_p(d):
     """Two-sided p-value of the exact paired permutation (sign-flip) test of mean(d) = 0: the fraction
     of the 2^n sign assignments of the differences d whose mean is at least as far from 0 as the
-    observed one (scipy.stats.permutation_test, permutation_type='samples', every assignment)."""
+    observed one (scipy.stats.permutation_test, permutation_type='samples', every assignment); NaN for
+    fewer than 2 pairs, where there is nothing to test."""
     d = np.asarray(d, dtype=float)
+    if len(d) < 2:
+        return float("nan")
     res = stats.permutation_test((d, np.zeros_like(d)), lambda x, y, axis: np.mean(x - y, axis=axis),
                                  permutation_type="samples", n_resamples=np.inf, alternative="two-sided",
                                  vectorized=True)
@@ -198,7 +201,7 @@ def compare(results, reference, alpha=0.05):
                 lo, hi = t_interval(d)
                 table.append({"method": name, "ratio": ratio, "metric": metric, "n_pairs": len(pairs),
                               "mean_diff": float(d.mean()) if len(d) else float("nan"), "ci_low": lo, "ci_high": hi,
-                              "p_value": sign_flip_p(d) if len(d) else float("nan")})
+                              "p_value": sign_flip_p(d)})
         for row, adj in zip(table, holm([r["p_value"] for r in table])):
             row["p_holm"] = adj
             row["verdict"] = ("better" if row["mean_diff"] > 0 else "worse") if adj < alpha else "n.s."
@@ -222,6 +225,9 @@ def comparison_markdown(rows, reference, alpha):
                 r = next((x for x in rows if x["method"] == m and x["ratio"] == ratio and x["metric"] == metric), None)
                 if r is None or r["n_pairs"] == 0:
                     cells.append("–")
+                    continue
+                if r["n_pairs"] < 2:
+                    cells.append(f"{r['mean_diff']:+.3f} (n=1: no test)")
                     continue
                 verdict = f"**{r['verdict']}**" if r["verdict"] != "n.s." else "n.s."
                 cells.append(f"{r['mean_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] p={r['p_value']:.3f} "

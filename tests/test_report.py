@@ -21,6 +21,7 @@ def test_sign_flip_p_value_equals_enumeration_of_all_sign_assignments():
     assert report.sign_flip_p([0.3, -0.1, 0.2, 0.5, 0.4]) == pytest.approx(4 / 32)    # by hand: 4 of 32
     assert report.sign_flip_p([0.1] * 8) == pytest.approx(2 / 256)   # the smallest p with 8 pairs
     assert report.sign_flip_p([0.1] * 10) == pytest.approx(2 / 1024)
+    assert np.isnan(report.sign_flip_p([0.3])) and np.isnan(report.sign_flip_p([]))   # nothing to test
 
 
 def test_t_interval_by_hand():
@@ -88,3 +89,12 @@ def test_another_reference_and_a_missing_one(tmp_path):
     assert {r["method"] for r in rows} == {"proposed"} and float(rows[0]["mean_diff"]) == 0.0
     with pytest.raises(UserError, match="--reference la: no such method"):
         report.main(["--save_root", str(tmp_path), "--reference", "la"])
+
+
+def test_a_single_pair_is_reported_without_a_test(tmp_path):
+    write_results(tmp_path, "proposed", {0.1: {1: (0.7, 0.9, 0.5)}})
+    write_results(tmp_path, "la", {0.1: {1: (0.8, 0.8, 0.8)}})
+    report.main(["--save_root", str(tmp_path)])
+    row = next(csv.DictReader(open(tmp_path / "comparison.csv")))
+    assert row["n_pairs"] == "1" and row["p_value"] == "nan" and row["verdict"] == "n.s."
+    assert "+0.100 (n=1: no test)" in open(tmp_path / "comparison.md").read()
