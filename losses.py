@@ -203,7 +203,7 @@ def parse_method(name):
             c["sampler"] = part
         elif part in ("fscl", "fscl_neg1", "supcon"):
             c.update(aux=part.split("_")[0], fscl_negative=-1 if part.endswith("_neg1") else 0)
-    if method_name(c) != name or (c["loss"] == "cb" and c["drw"]):
+    if method_name(c) != name or combination_problem(c):
         raise UserError(f"method {name!r} is not valid; named methods: {' '.join(METHODS)}; or combine a loss "
                         f"({'|'.join(CLASSIFICATION_LOSSES)}, '_drw' for deferred re-weighting), a sampler "
                         f"({'|'.join(SAMPLERS[1:])}) and an auxiliary loss (fscl|fscl_neg1|supcon) with '+', "
@@ -244,6 +244,16 @@ def method_settings(args):
     return s
 
 
+def combination_problem(c):
+    """Why a combination of choices c would not do what it says, or None."""
+    if c["fscl_negative"] != 0 and c["aux"] != "fscl":
+        return "--fscl_negative sets T for the feature-similarity loss; give it with --aux fscl (or --contrastive)"
+    if c["drw"] and c["loss"] == "cb":
+        return ("--drw with --loss cb changes nothing (cb is class-balanced from the first epoch); "
+                "use --loss ce --drw, or --loss cb alone")
+    return None
+
+
 def check_method(args):
     """UserError for a combination that would not do what its flags say. args: train.py's arguments."""
     a = vars(args)
@@ -251,13 +261,9 @@ def check_method(args):
         raise UserError(f"--contrastive is --aux fscl; it cannot be combined with --aux {a['aux']}")
     if a["oversampling"] and a["sampler"] not in ("uniform", "oversample"):
         raise UserError(f"--oversampling is --sampler oversample; it cannot be combined with --sampler {a['sampler']}")
-    c = method_choices(a)
-    if c["fscl_negative"] != 0 and c["aux"] != "fscl":
-        raise UserError("--fscl_negative sets T for the feature-similarity loss; give it with --aux fscl "
-                        "(or --contrastive)")
-    if c["drw"] and c["loss"] == "cb":
-        raise UserError("--drw with --loss cb changes nothing (cb is class-balanced from the first epoch); "
-                        "use --loss ce --drw, or --loss cb alone")
+    problem = combination_problem(method_choices(a))
+    if problem:
+        raise UserError(problem)
     for key, ok, valid in (("focal_gamma", lambda v: v >= 0, ">= 0"), ("cb_beta", lambda v: 0 <= v < 1, "in [0, 1)"),
                            ("ldam_max_margin", lambda v: v > 0, "> 0"), ("ldam_scale", lambda v: v > 0, "> 0"),
                            ("la_tau", lambda v: v >= 0, ">= 0"), ("drw_start", lambda v: 0 < v < 1, "in (0, 1)"),

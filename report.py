@@ -24,6 +24,7 @@ import numpy as np
 from scipy import stats
 
 from losses import METHODS
+from runs import run_number
 from utils import UserError, ensure_output_dir, run_main, write_text_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,14 +170,11 @@ def holm(pvalues):
 
 
 def run_values(entry, metric, classes):
-    """{run number: value} of one cell for metric 'balanced_accuracy', 'minority' or 'majority'."""
-    key = {"minority": f"acc[{classes[-1]}]", "majority": f"acc[{classes[0]}]"}.get(metric, metric)
-    out = {}
-    for r in entry["runs"]:
-        m = r["metrics"]
-        value = m["per_class_acc"][key[4:-1]] if key.startswith("acc[") else m[key]
-        out[int(os.path.basename(r["run_dir"]).split("_")[-1])] = value
-    return out
+    """{run number: value} of one cell for metric 'balanced_accuracy', 'minority' (the last class's
+    accuracy) or 'majority' (the first class's)."""
+    cls = {"minority": classes[-1], "majority": classes[0]}.get(metric)
+    return {run_number(r["run_dir"]): r["metrics"]["per_class_acc"][cls] if cls else r["metrics"][metric]
+            for r in entry["runs"]}
 
 
 def compare(results, reference, alpha=0.05):
@@ -209,9 +207,14 @@ def compare(results, reference, alpha=0.05):
     return rows
 
 
+def _layout(rows):
+    """-> (ratios, largest first; methods in order; {(method, ratio, metric): row})."""
+    return (sorted({r["ratio"] for r in rows}, reverse=True), list(dict.fromkeys(r["method"] for r in rows)),
+            {(r["method"], r["ratio"], r["metric"]): r for r in rows})
+
+
 def comparison_markdown(rows, reference, alpha):
-    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ratios, methods, cell = _layout(rows)
     out = [f"Each method minus {reference}, paired by run (same seed, images and initialisation): mean difference "
            f"[95% t-interval], exact sign-flip p-value, Holm-adjusted over the {len(methods) * len(ratios)} cells "
            f"of each table. **better** / **worse**: significant at {alpha:g} after Holm (better/worse than "
@@ -222,7 +225,7 @@ def comparison_markdown(rows, reference, alpha):
         for m in methods:
             cells = []
             for ratio in ratios:
-                r = next((x for x in rows if x["method"] == m and x["ratio"] == ratio and x["metric"] == metric), None)
+                r = cell.get((m, ratio, metric))
                 if r is None or r["n_pairs"] == 0:
                     cells.append("–")
                     continue
@@ -253,15 +256,14 @@ def comparison_figure(rows, reference, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ratios, methods, cell = _layout(rows)
     fig, axes = plt.subplots(len(METRICS), len(ratios), figsize=(4.2 * len(ratios), 0.32 * len(methods) * 3 + 2.5),
                              squeeze=False, sharey=True)
     for i, (metric, title) in enumerate(METRICS):
         for j, ratio in enumerate(ratios):
             ax = axes[i][j]
             for y, m in enumerate(methods):
-                r = next((x for x in rows if x["method"] == m and x["ratio"] == ratio and x["metric"] == metric), None)
+                r = cell.get((m, ratio, metric))
                 if r is None or r["n_pairs"] == 0:
                     continue
                 colour = {"better": "tab:green", "worse": "tab:red"}.get(r["verdict"], "tab:gray")

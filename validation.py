@@ -168,7 +168,7 @@ class Models:
     def load(self, cfg, state):
         kind = (len(cfg["classes"]), head_of(cfg["args"]))
         if kind not in self.by_kind:
-            model = build_model(*kind[:1], "none", kind[1])
+            model = build_model(kind[0], "none", kind[1])
             self.by_kind[kind] = model.to(self.device, memory_format=torch.channels_last)
         self.by_kind[kind].load_state_dict(state)
         return self.by_kind[kind]

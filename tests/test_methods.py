@@ -49,7 +49,7 @@ def test_the_paper_flags_and_their_general_forms_are_one_method(image_data, tmp_
 def test_combinations_that_would_not_do_what_they_say_are_refused(image_data, tmp_path, flags, message):
     with pytest.raises(UserError, match=message):
         run_train(image_data["train"], tmp_path, *flags)
-    assert not os.listdir(tmp_path) if os.path.isdir(tmp_path) else True
+    assert not os.listdir(tmp_path)
 
 
 def test_square_root_sampling_draws_classes_in_proportion_to_the_square_root_of_their_counts():
