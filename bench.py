@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from utils import available_cpus
+from utils import available_cpus, command_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ("class-a", "class-b")
@@ -51,7 +51,7 @@ def paper_grid_images():
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line(__doc__)
     p.add_argument("--img_sizes", nargs="+", type=int, default=[64, 224])
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[64], help="paper: 64")
     p.add_argument("--device", default="auto")

@@ -79,7 +79,9 @@ def subsample(images, classes, ratio, max_per_class, seed):
 
     ratio 'all': every class keeps all its images (at most max_per_class each). Otherwise the reference
     class (the first) keeps n_1 = min(its count, max_per_class) images; class k keeps
-    ratio_k / ratio_1 * n_1 rounded half up (floor(x + 0.5): 4.5 -> 5, unlike Python's round), at least 1.
+    ratio_k / ratio_1 * n_1 rounded half up (floor(x + 0.5): 4.5 -> 5, unlike Python's round; x is first
+    rounded to 9 decimals, so that a floating-point product just below a half, 0.145 x 100, counts as
+    the half it is), at least 1.
     Each class's images are one permutation of its sorted file list, seeded by (seed, class name), of
     which the first n are taken: for one seed, the images chosen at a smaller ratio or cap are a subset
     of those chosen at a larger one (nested subsets), and a class's choice does not depend on the others.
@@ -95,7 +97,7 @@ def subsample(images, classes, ratio, max_per_class, seed):
         if ratio == "all":                     # the folder as it is: every image, up to the cap when one is given
             requested = available if max_per_class is None else min(available, max_per_class)
         else:
-            exact = ratio[k] / ratio[0] * n_ref
+            exact = round(ratio[k] / ratio[0] * n_ref, 9)   # 0.145 x 100 = 14.499999999999998 is 14.5
             requested = max(1, math.floor(exact + 0.5))
             if math.floor(exact + 0.5) < 1:
                 notes.append(f"ratio {ratio[k]:g} of {n_ref} images gives {exact:.3g} image(s) for {c!r}; keeping 1")

@@ -11,7 +11,6 @@
 2. Runs reproduce.py on each condition with CPU-sized settings (32 px, few epochs, fewer images,
    ratios and runs than the paper), which trains, evaluates (validation.py) and reports (report.py).
 """
-import argparse
 import gzip
 import os
 import subprocess
@@ -21,7 +20,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from utils import UserError, ensure_output_dir, run_main
+from utils import UserError, command_line, ensure_output_dir, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -31,7 +30,7 @@ SPLITS = {"train": "train", "valid": "t10k"}
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line(__doc__)
     p.add_argument("--conditions", nargs="+", default=["fine", "coarse"], help="fine and/or coarse")
     p.add_argument("--data_dir", default=os.path.join(HERE, "dataset", "fashion-mnist"),
                    help="where the ImageFolders are written")

@@ -294,8 +294,9 @@ class Criterion:
 
     def drw_epoch(self):
         """The first epoch (1-based) with DRW's class-balanced weights: after drw_start of the epochs
-        (epochs 161-200 of 200 at 0.8, as in Cao et al.; epoch 3 of 3)."""
-        return math.floor(self.ctx["drw_start"] * self.num_epochs) + 1
+        (epochs 161-200 of 200 at 0.8, as in Cao et al.; epoch 3 of 3). The product is rounded to 9
+        decimals before the floor: 0.29 x 100 = 28.999999999999996 is 29 epochs, DRW from epoch 30."""
+        return math.floor(round(self.ctx["drw_start"] * self.num_epochs, 9)) + 1
 
     def set_epoch(self, epoch):
         on = self.choices["drw"] and epoch >= self.drw_epoch()

@@ -11,6 +11,7 @@ from data import ModelInput
 from utils import UserError, load_checkpoint
 
 TAPPABLE = ("layer1", "layer2", "layer3", "layer4")
+HYPERPARAMETER_BUFFERS = ("fc.scale",)   # buffers that hold a run's setting (CosineHead's s), not learnt weights
 
 
 class CosineHead(torch.nn.Module):
@@ -68,12 +69,14 @@ def load_weights_file(model, weights):
         state = state["model"]  # a train.py checkpoint
     if not isinstance(state, dict):
         raise UserError(f"--weights {weights}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
-    ours = {k: v.shape for k, v in model.state_dict().items() if k.startswith("fc.")}
+    # weights initialise the network, never a hyperparameter: the cosine head's scale stays --ldam_scale
+    state = {k: v for k, v in state.items() if k not in HYPERPARAMETER_BUFFERS}
+    ours = {k: v.shape for k, v in model.state_dict().items() if k.startswith("fc.") and k not in HYPERPARAMETER_BUFFERS}
     theirs = {k: getattr(v, "shape", None) for k, v in state.items() if k.startswith("fc.")}
     if theirs != ours:                                   # another head: keep the new one
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
+    missing = [k for k in missing if not k.startswith("fc.")]   # a new head keeps its initialisation
     if missing or unexpected:
         raise UserError(f"--weights {weights}: not a resnet18 state_dict (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")

@@ -9,8 +9,10 @@ every class, status) as they are computed, and a JSON file beside it; running th
 continues where it stopped. --threshold CLASS=P, or --calibrate on a labelled folder for a recall
 target, sets the decision rule for a rare class; --sort_into copies (hard-links) images by class.
 """
-import argparse
 import csv
+import filecmp
+import hashlib
+import json
 import math
 import os
 import platform
@@ -27,13 +29,14 @@ import data
 from model import build_trained, use_exact_float32
 from runs import RunNotReady, load_best
 from train import resolve_device
-from utils import UserError, decoding_workers, ensure_output_dir, load_checkpoint, run_main, write_json_atomic
+from utils import (UserError, command_line, decoding_workers, ensure_output_dir, load_checkpoint, run_main,
+                   write_json_atomic)
 
 CHUNK = 256   # images decoded, predicted and written at a time: an interruption loses at most these
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line(__doc__)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", nargs="+", help="one or more run folders (several: probabilities averaged)")
     g.add_argument("--checkpoint", help="a train.py checkpoint file (best.pth or last.pth) instead of a run")
@@ -80,15 +83,26 @@ def load_models(args, device):
     for src, cfg, ckpt in sources:
         model = build_trained(cfg, ckpt["model"])
         model = model.to(device, memory_format=torch.channels_last)         # as validation.py: faster on CPU and CUDA
-        models.append((model.eval(), src, ckpt.get("epoch"), cfg["args"]["img_size"]))
+        models.append((model.eval(), src, ckpt.get("epoch"), cfg["args"]["img_size"], weights_sha256(ckpt["model"])))
     return models, classes
+
+
+def weights_sha256(state):
+    """sha256 of a state_dict's tensors (names, dtypes, shapes and bytes, in key order): which weights
+    decided a row, whatever file or folder they came from."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 @torch.inference_mode()
 def probabilities(models, pixels, device, batch_size, precision):
     """{image size: uint8 (N, 3, S, S)} -> (N, K) class probabilities, averaged over the models."""
     total = None
-    for model, _, _, size in models:
+    for model, _, _, size, _ in models:
         x_all, to_input, out = pixels[size], data.ModelInput(device, channels_last=True), []
         for start in range(0, len(x_all), batch_size):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -158,16 +172,28 @@ def calibrate(folder, rare, target, models, classes, device, args, workers):
         if probs is not None:
             scores.append(probs[k])
             truth.append(y == k)
-    scores, truth = np.array(scores), np.array(truth)
-    n_rare = int(truth.sum())
-    if n_rare == 0:
+    scores, truth = np.array(scores), np.array(truth, dtype=bool)
+    if not truth.any():
         raise UserError(f"--calibrate {folder}: no readable image of {rare!r} there; recall cannot be measured")
-    need = math.ceil(target * n_rare)                    # rare images that must score at least the threshold
-    t = float(np.sort(scores[truth])[::-1][need - 1])    # the need-th highest rare score: the largest such t
+    chosen = threshold_for_recall(scores, truth, target)
+    return ({"class": rare, **chosen, "target_recall": target, "n_images": int(len(scores)),
+             "n_rare": int(truth.sum()), "folder": os.path.abspath(folder)}, scores, truth)
+
+
+def threshold_for_recall(scores, truth, target):
+    """The largest threshold t such that flagging every score >= t finds at least target of the true
+    images, with the recall and precision it gives -> {'threshold', 'recall', 'precision'}.
+
+    With n true images, t must flag need = ceil(target n) of them: t is the need-th highest true score
+    (ties flag every image at t, so the recall can exceed the target). target n is rounded to 9
+    decimals before the ceiling, so that a product such as 0.07 x 100 = 7.000000000000001 asks for 7.
+    scores (N,) float, truth (N,) bool with at least one True, 0 < target <= 1."""
+    true_scores = np.sort(scores[truth])[::-1]                               # highest first
+    need = max(1, math.ceil(round(target * len(true_scores), 9)))
+    t = float(true_scores[need - 1])
     flagged = scores >= t
-    recall, precision = float((flagged & truth).sum() / n_rare), float((flagged & truth).sum() / flagged.sum())
-    return ({"class": rare, "threshold": t, "target_recall": target, "recall": recall, "precision": precision,
-             "n_images": int(len(scores)), "n_rare": n_rare, "folder": os.path.abspath(folder)}, scores, truth)
+    tp = int((flagged & truth).sum())
+    return {"threshold": t, "recall": tp / len(true_scores), "precision": tp / int(flagged.sum())}
 
 
 def threshold_figure(scores, truth, result, path):
@@ -226,18 +252,23 @@ def done_paths(out, header):
 
 
 def sort_into(folder, path, label):
-    """Hard-link (else copy) path into folder/label/, keeping its name; a clash gets _1, _2, ..."""
+    """Hard-link (else copy) path into folder/label/, keeping its name; a clash with another file gets
+    _1, _2, ... A destination that already is this image (its hard link, or a copy with the same bytes,
+    left by a job interrupted between sorting an image and writing its row) is kept as it is."""
     dest_dir = os.path.join(folder, label)
     os.makedirs(dest_dir, exist_ok=True)
     stem, ext = os.path.splitext(os.path.basename(path))
     dest, n = os.path.join(dest_dir, stem + ext), 0
     while os.path.exists(dest):
+        if os.path.samefile(path, dest) or filecmp.cmp(path, dest, shallow=False):
+            return dest
         n += 1
         dest = os.path.join(dest_dir, f"{stem}_{n}{ext}")
     try:
         os.link(path, dest)
     except OSError:
         shutil.copy2(path, dest)
+    return dest
 
 
 def main(argv=None):
@@ -262,10 +293,19 @@ def main(argv=None):
         print(f"calibrated on {args.calibrate}: P({args.rare}) >= {calibration['threshold']:.4f} gives recall "
               f"{calibration['recall']:.3f} (target {args.target_recall}) at precision {calibration['precision']:.3f}; "
               f"figure: {calibration['figure']}")
+    rule = decision_rule(args, models, threshold, calibration)
     header = ["path", "predicted", *(f"prob[{c}]" for c in classes), "status"]
+    meta_path = os.path.splitext(args.out)[0] + ".json"
     done = done_paths(args.out, header)
+    if done:
+        check_same_rule(args.out, meta_path, rule, len(done))
     todo = [p for p in paths if p not in done]
     new_file = not os.path.isfile(args.out) or os.path.getsize(args.out) == 0
+    meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "csv": os.path.abspath(args.out), "classes": classes,
+            **rule, "calibration": calibration, "images": os.path.abspath(args.images),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+    if not done:
+        write_json_atomic(meta_path, {**meta, "finished": False})    # the rule is on disk before any row
     with open(args.out, "a", newline="", encoding="utf-8") as f, \
             tqdm(total=len(todo), desc="predict", disable=None, file=sys.stderr) as bar:
         writer = csv.writer(f)
@@ -278,13 +318,46 @@ def main(argv=None):
             writer.writerow([path, label, *(f"{v:.6f}" for v in (probs if probs is not None else [])),
                              *([""] * len(classes) if probs is None else []), status])
             f.flush()
-    write_json_atomic(os.path.splitext(args.out)[0] + ".json", {
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "csv": os.path.abspath(args.out), "classes": classes,
-        "models": [{"source": os.path.abspath(src), "epoch": epoch, "img_size": size} for _, src, epoch, size in models],
-        "threshold": {"class": threshold[0], "p": threshold[1]} if threshold else None, "calibration": calibration,
-        "precision": args.precision, "images": os.path.abspath(args.images),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()})
+    write_json_atomic(meta_path, {**meta, "finished": True})
     summarise(args.out, classes, len(done))
+
+
+def decision_rule(args, models, threshold, calibration):
+    """Everything that decides a row of the CSV: the models (where from, which epoch, the sha256 of
+    their weights, their image size), the threshold, the calibration that chose it, the precision."""
+    return {"models": [{"source": os.path.abspath(src), "epoch": epoch, "img_size": size, "weights_sha256": sha}
+                       for _, src, epoch, size, sha in models],
+            "threshold": {"class": threshold[0], "p": threshold[1]} if threshold else None,
+            "calibration_rule": ({"folder": calibration["folder"], "rare": calibration["class"],
+                             "target_recall": calibration["target_recall"]} if calibration else None),
+            "precision": args.precision}
+
+
+def check_same_rule(out, meta_path, rule, n_done):
+    """A CSV that already holds rows is continued only under the rule that made them (recorded in the
+    JSON beside it when the CSV was created); UserError naming what differs otherwise."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        recorded = {k: recorded[k] for k in ("models", "threshold", "calibration_rule", "precision")}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--out {out} already holds {n_done} prediction(s), but {meta_path} does not record the "
+                        f"models, threshold and precision that made them, so they cannot be continued under this "
+                        f"command's; give a new --out (or delete {out} to start again)")
+    diff = rule_differences(recorded, rule)
+    if diff:
+        raise UserError(f"--out {out} already holds {n_done} prediction(s) made under another decision rule "
+                        f"({'; '.join(diff)}; recorded vs now); continuing would mix the two in one file. Give a "
+                        f"new --out for this rule (or delete {out} to start again)")
+
+
+def rule_differences(a, b, prefix=""):
+    """'key: A vs B' for every leaf where two nested rule dicts (or lists) differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in dict.fromkeys([*a, *b]) for d in rule_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in rule_differences(x, y, f"{prefix}{i}.")]
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} vs {b!r}"]
 
 
 def summarise(out, classes, resumed):

@@ -9,7 +9,6 @@ their last.pth. --dry_run prints the plan, one train.py command per line. --task
 cell of the full grid only (one Slurm array task); --slurm writes and submits the array job and its
 evaluation job (slurm.py; see README.md).
 """
-import argparse
 import concurrent.futures as cf
 import json
 import os
@@ -23,14 +22,14 @@ import time
 import slurm
 from runs import is_complete, planned_settings, setting_differences
 from losses import PAPER_NAMES, method_flags, parse_method
-from utils import UserError, ensure_output_dir, parse_ratio_or_all, ratio_folder_name, run_main
+from utils import UserError, command_line, ensure_output_dir, parse_ratio_or_all, ratio_folder_name, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD_FLAGS = ("--contrastive", "--oversampling", "--loss", "--sampler", "--drw", "--aux", "--fscl_negative")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line(__doc__)
     p.add_argument("--train_data_root", required=True)
     p.add_argument("--test_data_root", help="test ImageFolder for validation.py (omit to train only)")
     p.add_argument("--classes", nargs="+", required=True, help="the first is the majority class")
@@ -85,6 +84,11 @@ def parse(argv):
         raise UserError("--slurm_args and --max_parallel go with --slurm")
     for r in args.ratios:
         parse_ratio_or_all(ratio_string(r, args.classes), args.classes)
+    import train
+    _, unknown = train.get_args_parser().parse_known_args(passthrough)
+    if unknown:
+        raise UserError(f"{' '.join(unknown)}: neither a reproduce.py flag nor a train.py flag (flags are spelt in "
+                        f"full); see python3 reproduce.py --help and python3 train.py --help")
     return args, passthrough
 
 

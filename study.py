@@ -13,7 +13,6 @@ method run by run (comparison.md, comparison.csv, comparison.png in each conditi
 Finished runs are kept: an interrupted study continues where it stopped. Each finished run keeps its
 best.pth only (--no-keep_last): 440 x 45 MB = 20 GB of disk, where last.pth as well would take 80 GB.
 """
-import argparse
 import os
 import platform
 import subprocess
@@ -22,14 +21,14 @@ import time
 
 import demo
 from losses import METHODS
-from utils import UserError, ensure_output_dir, run_main, write_json_atomic
+from utils import UserError, command_line, ensure_output_dir, run_main, write_json_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STUDY_METHODS = list(METHODS)   # the paper's four, the five baselines, oversample+supcon, oversample+fscl_neg1
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line(__doc__)
     p.add_argument("--conditions", nargs="+", default=["fine", "coarse"], help="fine and/or coarse")
     p.add_argument("--methods", nargs="+", default=STUDY_METHODS, help="default: " + " ".join(STUDY_METHODS))
     p.add_argument("--reference", default="proposed", help="the method every other one is compared with")

@@ -25,7 +25,7 @@ from losses import (AUX_LOSSES, CLASSIFICATION_LOSSES, DEFAULTS, SAMPLERS, Crite
 from model import TAPPABLE, build_model, forward_with_taps, head_of, use_exact_float32
 from runs import (ACC_DECIMALS, absolute_paths, claim_run_dir, is_complete, planned_subset, record_provenance,
                   run_number, run_settings, set_aside_previous_attempt, set_fingerprint)
-from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, decoding_workers,
+from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, command_line, decoding_workers,
                    load_checkpoint, parse_ratio_or_all, ratio_folder_name, ratio_text, run_main, signals_deferred,
                    write_json_atomic)
 
@@ -35,7 +35,7 @@ RESUME_FLAGS = ("device", "num_workers", "cache", "compile", "channels_last", "k
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line(__doc__)
     g = p.add_argument_group("data (as in the paper's README)")
     g.add_argument("--train_data_root", help="ImageFolder root: one sub-folder per class")
     g.add_argument("--classes", nargs="+", help="class folder names, in order; the first is the ratio's reference "

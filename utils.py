@@ -4,6 +4,7 @@ background checkpoint writer, ratios.
 Everything here is plain Python (plus torch for checkpoints); run folders and their configuration live
 in runs.py, the data pipeline in data.py, the model and loss in model.py.
 """
+import argparse
 import contextlib
 import errno
 import io
@@ -32,6 +33,14 @@ class WriteError(UserError):
 # errno values of a file system that says no, rather than of a bug
 REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.ENOTDIR,
             errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG}
+
+
+def command_line(doc):
+    """The argument parser of every script: its docstring as the description, and no abbreviated flags
+    (`--max_par` for `--max_parallel` would be taken here but not by the commands a script passes its
+    flags on to, such as a Slurm job's)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   allow_abbrev=False)
 
 
 def run_main(main):

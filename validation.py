@@ -8,7 +8,6 @@ Writes <model_root>/result_log.txt (for people) and results.json (for programs, 
 with a saved_runs root, also one pair per variant folder. Test images are decoded once per image size
 and shared by every run.
 """
-import argparse
 import json
 import os
 import sys
@@ -22,11 +21,12 @@ from model import build_model, confusion_matrix, head_of, metrics_from_confusion
 from train import resolve_device
 from runs import (CELL_EXCLUDES, RUN_DIR_RE, RunNotReady, fingerprint, is_complete, load_best, run_number,
                   run_settings, setting_differences)
-from utils import UserError, decoding_workers, ensure_output_dir, run_main, write_json_atomic, write_text_atomic
+from utils import (UserError, command_line, decoding_workers, ensure_output_dir, run_main, write_json_atomic,
+                   write_text_atomic)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line(__doc__)
     p.add_argument("--model_root", required=True, help="a variant folder (saved_runs/baseline) or saved_runs itself")
     p.add_argument("--test_data_root", required=True, help="ImageFolder root of the test images")
     p.add_argument("--classes", nargs="+", help="class names; must match each run's config.json (default: the run's)")

@@ -111,6 +111,8 @@ def test_rounding_of_the_ratio_is_half_up_as_documented():
     # 0.045 x 100 = 4.5 -> 5 (half up; Python's round would give 4); 0.044 x 100 -> 4
     assert data.subsample(images, ["a", "b"], [1, 0.045], None, seed=0)[2]["b"]["selected"] == 5
     assert data.subsample(images, ["a", "b"], [1, 0.044], None, seed=0)[2]["b"]["selected"] == 4
+    # 0.145 x 100 is 14.499999999999998 in floating point: still the half it stands for, so 15
+    assert 0.145 * 100 < 14.5 and data.subsample(images, ["a", "b"], [1, 0.145], None, seed=0)[2]["b"]["selected"] == 15
     assert "rounded half up" in data.subsample.__doc__
 
 

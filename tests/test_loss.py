@@ -207,6 +207,8 @@ def test_supcon_as_the_auxiliary_term_on_each_tap():
 def test_drw_switches_to_class_balanced_weights_after_80_percent_of_the_epochs():
     c = criterion((100, 1), num_epochs=100, loss="ldam", drw=True)
     assert c.drw_epoch() == 81 and criterion(num_epochs=3, drw=True).drw_epoch() == 3
+    # 0.29 x 100 = 28.999999999999996 in floating point: 29 epochs without weights, DRW from epoch 30
+    assert 0.29 * 100 < 29 and criterion(num_epochs=100, drw=True, drw_start=0.29).drw_epoch() == 30
     torch.manual_seed(8)
     logits, y = torch.randn(8, 2), torch.tensor([0, 0, 0, 0, 0, 0, 1, 0])
     c = criterion((100, 1), num_epochs=10, drw=True)                 # CE + DRW

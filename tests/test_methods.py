@@ -93,9 +93,12 @@ def test_every_new_method_trains_evaluates_reports_and_predicts(image_data, tmp_
         run = save / name / "1_0.1" / "run_1"
         cfg = json.load(open(run / "config.json"))
         assert cfg["variant"] == name and cfg["method"] == losses.parse_method(name)
-        log = open(run / "train.log").read()
-        term = {"oversample+supcon": "L_supcon[layer4]", "oversample+fscl_neg1": "L_c[layer4]"}.get(name, "")
-        assert term in log
+        epoch_line = next(l for l in open(run / "train.log") if l.startswith("Epoch 1/2 "))
+        terms = epoch_line.split(" | ")[-2].split()[::2]                  # "loss 0.69 ce 0.69 ..." -> names
+        expected = {"focal": ["focal"], "cb": ["cb"], "ldam_drw": ["ldam"], "la": ["la"], "sqrt": ["ce"],
+                    "oversample+supcon": ["ce", "L_supcon[layer3]", "L_supcon[layer4]"],
+                    "oversample+fscl_neg1": ["ce", "L_c[layer3]", "L_c[layer4]"]}[name]
+        assert terms == ["loss", *expected], (name, epoch_line)
     epochs = {n: [json.loads(l)["images"] for l in open(save / n / "1_0.1" / "run_1" / "metrics.jsonl")]
               for n in ("baseline", "sqrt", "oversample+supcon")}
     assert epochs["sqrt"] == epochs["baseline"] == [44, 44] and epochs["oversample+supcon"] == [80, 80]
@@ -137,3 +140,18 @@ def test_the_study_plans_every_method_on_both_conditions(capsys):
         assert all(f" {name} " in l for l in lines)
     with pytest.raises(UserError, match="--reference la is not among --methods"):
         study.main(["--dry_run", "--methods", "baseline", "proposed", "--reference", "la"])
+
+
+def test_a_weights_file_initialises_the_network_but_never_sets_the_ldam_scale(image_data, tmp_path):
+    from model import build_model
+    trained = build_model(2, "none", "cosine", scale=30.0)
+    path = tmp_path / "ldam_s30.pth"
+    torch.save(trained.state_dict(), path)
+    m = build_model(2, str(path), "cosine", scale=10.0)
+    assert float(m.fc.scale) == 10.0                                   # --ldam_scale, not the file's 30
+    assert torch.equal(m.fc.weight, trained.fc.weight) and torch.equal(m.conv1.weight, trained.conv1.weight)
+    run = run_train(image_data["train"], tmp_path / "runs", "--loss", "ldam", "--drw", "--ldam_scale", "10",
+                    "--weights", str(path))
+    assert float(torch.load(os.path.join(run, "best.pth"))["model"]["fc.scale"]) == 10.0
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert cfg["fingerprint_settings"]["ldam_scale"] == 10.0

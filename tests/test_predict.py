@@ -138,6 +138,68 @@ def test_threshold_calibration_and_sorting(four_variants, labelled, tmp_path, ca
         predict.main(base + ["--out", str(tmp_path / "y.csv"), "--num_workers", "-1"])
 
 
+def test_the_calibrated_threshold_is_the_largest_that_reaches_the_target_recall():
+    # 100 rare images scoring 1.00, 0.99, ..., 0.01: 7% recall needs the 7 highest, threshold 0.94
+    # (0.07 x 100 = 7.000000000000001 in floating point; a bare ceil asked for 8 and gave 0.93)
+    rare = np.round(np.arange(100, 0, -1) / 100, 2)
+    got = predict.threshold_for_recall(rare, np.ones(100, bool), 0.07)
+    assert 0.07 * 100 > 7 and got == {"threshold": 0.94, "recall": 0.07, "precision": 1.0}
+    # a target between two achievable recalls: 5 rare images, 0.5 needs 3 (2.5 rounded up): t = 0.5,
+    # recall 0.6; the 2 other images at 0.6 and 0.2, one of them flagged
+    scores = np.array([0.9, 0.7, 0.5, 0.3, 0.1, 0.6, 0.2])
+    truth = np.array([1, 1, 1, 1, 1, 0, 0], bool)
+    assert predict.threshold_for_recall(scores, truth, 0.5) == {"threshold": 0.5, "recall": 0.6, "precision": 0.75}
+    assert predict.threshold_for_recall(scores, truth, 0.4)["threshold"] == 0.7      # exactly 2 of 5
+    assert predict.threshold_for_recall(scores, truth, 1.0) == {"threshold": 0.1, "recall": 1.0, "precision": 5 / 7}
+    # ties at the threshold: every image at t is flagged, so the recall can pass the target
+    scores = np.array([0.9, 0.8, 0.8, 0.8, 0.3, 0.85, 0.8, 0.1])
+    truth = np.array([1, 1, 1, 1, 1, 0, 0, 0], bool)
+    assert predict.threshold_for_recall(scores, truth, 0.5) == {"threshold": 0.8, "recall": 0.8, "precision": 4 / 6}
+
+
+@pytest.mark.parametrize("change,named", [
+    (["--threshold", "roe-deer=0.3"], "threshold: None vs {'class': 'roe-deer', 'p': 0.3}"),
+    (["--precision", "bf16"], "precision: 'fp32' vs 'bf16'"),
+    (["--other_run"], "models.0.source"),
+    (["--calibrate"], "calibration_rule: None vs")])
+def test_resuming_under_another_decision_rule_is_refused(four_variants, labelled, tmp_path, change, named):
+    _, runs = four_variants
+    argv = ["--run", runs["proposed"], "--images", str(labelled), "--out", str(tmp_path / "p.csv")]
+    predict.main(argv)
+    lines = (tmp_path / "p.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "p.csv").write_text("".join(lines[:6]))                       # cut after 5 rows
+    if change == ["--other_run"]:
+        argv[1], change = runs["baseline"], []
+    elif change == ["--calibrate"]:
+        change = ["--calibrate", str(labelled), "--rare", "roe-deer", "--target_recall", "0.5"]
+    with pytest.raises(UserError, match="made under another decision rule") as e:
+        predict.main(argv + change)
+    assert named in str(e.value) and "new --out" in str(e.value)
+    assert (tmp_path / "p.csv").read_text() == "".join(lines[:6])            # nothing written, nothing lost
+    predict.main(argv if change else ["--run", runs["proposed"], *argv[2:]])  # the same rule continues
+    assert (tmp_path / "p.csv").read_text() == "".join(lines)
+    (tmp_path / "p.json").unlink()                                          # a rule that was never recorded
+    (tmp_path / "p.csv").write_text("".join(lines[:6]))
+    with pytest.raises(UserError, match="does not record the models, threshold and precision"):
+        predict.main(["--run", runs["proposed"], *argv[2:]])
+
+
+def test_sorting_resumed_after_an_interruption_between_link_and_row_leaves_no_duplicate(four_variants, labelled,
+                                                                                         tmp_path):
+    _, runs = four_variants
+    argv = ["--run", runs["proposed"], "--images", str(labelled), "--out", str(tmp_path / "p.csv"),
+            "--threshold", "roe-deer=0", "--sort_into", str(tmp_path / "sorted")]
+    predict.main(argv)
+    before = sorted(os.listdir(tmp_path / "sorted" / "roe-deer"))
+    assert len(before) == 16 and "000_1.jpg" in before                       # a real clash: two 000.jpg
+    lines = (tmp_path / "p.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "p.csv").write_text("".join(lines[:-1]))     # the last image was linked, its row not written
+    assert lines[-1].startswith(str(labelled / "water-deer" / "007.jpg"))        # sorted as 007_1.jpg
+    predict.main(argv)
+    assert sorted(os.listdir(tmp_path / "sorted" / "roe-deer")) == before
+    assert (tmp_path / "p.csv").read_text() == "".join(lines)
+
+
 def test_training_on_a_folder_as_it_is(image_data, tmp_path):
     import train
     run = train.main(["--train_data_root", image_data["train"], "--classes", "water-deer", "roe-deer",

@@ -40,18 +40,30 @@ def test_holm_by_hand():
     assert out[0] == pytest.approx(0.02) and np.isnan(out[1]) and out[2] == pytest.approx(0.02)
 
 
-def write_results(save_root, method, cells):
-    """<save_root>/<method>/results.json as validation.py writes it; cells {ratio: {run k: (bal, maj, min)}}."""
+def write_results(save_root, method, cells, classes=("tshirt", "shirt"), seeds=None, subsets=None,
+                  test_root="/data/valid", precision="fp32"):
+    """<save_root>/<method>/results.json as validation.py writes it; cells {ratio: {run k: (bal, maj, min)}}
+    (a ratio is the minority fraction, or a whole tuple for more classes). Run k has seed seeds.get(k, k)
+    and planned subset subsets.get(k, 'subset-k') unless given."""
     from validation import summarise
+    seeds, subsets = seeds or {}, subsets or {}
     ratios = {}
     for r, runs in cells.items():
-        entry = {"ratio": [1.0, r], "classes": ["tshirt", "shirt"], "runs": [
-            {"run_dir": f"/x/{method}/1_{r:g}/run_{k}", "best_train_acc": 0.5,
-             "metrics": {"per_class_acc": {"tshirt": maj, "shirt": mino}, "balanced_accuracy": bal,
-                         "accuracy": bal, "macro_f1": bal}} for k, (bal, maj, mino) in runs.items()]}
-        ratios[f"1_{r:g}"] = {**entry, "summary": summarise(entry["runs"])}
+        ratio = list(r) if isinstance(r, tuple) else [1.0, r]
+        name = "_".join(f"{x:g}" for x in ratio)
+        entry = {"ratio": ratio, "classes": list(classes), "runs": [
+            {"run_dir": f"/x/{method}/{name}/run_{k}", "best_train_acc": 0.5,
+             "settings": {"seed": seeds.get(k, k), "planned_subset_sha1": subsets.get(k, f"subset-{k}")},
+             "metrics": {"per_class_acc": dict(zip(classes, (maj, *([mino] * (len(classes) - 1))))),
+                         "balanced_accuracy": bal, "accuracy": bal, "macro_f1": bal}} for k, (bal, maj, mino) in runs.items()]}
+        ratios[name] = {**entry, "summary": summarise(entry["runs"])} if entry["runs"] else entry
     os.makedirs(save_root / method, exist_ok=True)
-    (save_root / method / "results.json").write_text(json.dumps({"variants": {method: ratios}}))
+    (save_root / method / "results.json").write_text(json.dumps(
+        {"test_data_root": test_root, "precision": precision, "variants": {method: ratios}}))
+
+
+def comparison_rows(path):
+    return {(r["method"], r["ratio"], r["metric"]): r for r in csv.DictReader(open(path / "comparison.csv"))}
 
 
 def test_comparison_pairs_runs_by_number_and_marks_significance_after_holm(tmp_path):
@@ -96,5 +108,93 @@ def test_a_single_pair_is_reported_without_a_test(tmp_path):
     write_results(tmp_path, "la", {0.1: {1: (0.8, 0.8, 0.8)}})
     report.main(["--save_root", str(tmp_path)])
     row = next(csv.DictReader(open(tmp_path / "comparison.csv")))
-    assert row["n_pairs"] == "1" and row["p_value"] == "nan" and row["verdict"] == "n.s."
+    assert row["n_pairs"] == "1" and row["p_value"] == "nan" and row["verdict"] == "no test"
     assert "+0.100 (n=1: no test)" in open(tmp_path / "comparison.md").read()
+
+
+def test_a_non_finite_difference_gets_no_test_and_no_mark(tmp_path):
+    # run 3 of la had no readable shirt image: its shirt accuracy is NaN (validation.py writes NaN)
+    ref = {k: (0.7, 0.9, 0.5) for k in range(1, 11)}
+    la = {k: (0.6, 0.8, float("nan") if k == 3 else 0.3) for k in range(1, 11)}
+    write_results(tmp_path, "proposed", {0.1: ref})
+    write_results(tmp_path, "la", {0.1: la})
+    assert np.isnan(report.sign_flip_p([-0.2, float("nan"), -0.2])) and all(np.isnan(report.t_interval([1, np.inf])))
+    report.main(["--save_root", str(tmp_path)])
+    rows = comparison_rows(tmp_path)
+    minority = rows[("la", "0.1", "minority")]
+    assert minority["p_value"] == "nan" and minority["p_holm"] == "nan" and minority["verdict"] == "no test"
+    assert rows[("la", "0.1", "majority")]["verdict"] == "worse"          # the finite metrics are still tested
+    md = (tmp_path / "comparison.md").read_text().split("### minority accuracy")[1].split("###")[0]
+    assert "**" not in md and "no test (n=10: a run has no readable test image of a class)" in md
+
+
+def test_a_method_without_any_evaluated_run_is_listed_not_a_traceback(tmp_path, capsys):
+    write_results(tmp_path, "baseline", {})                                # every run of it failed
+    runs = {k: (0.6 + 0.01 * k, 0.9, 0.3) for k in range(1, 4)}
+    write_results(tmp_path, "proposed", {0.1: runs})
+    write_results(tmp_path, "la", {0.1: runs})
+    report.main(["--save_root", str(tmp_path)])
+    table = (tmp_path / "table1.md").read_text()
+    assert "| baseline | – | (no evaluated run)" in table and "| proposed | 0.3000 ± 0.0000 (n=3) |" in table
+    assert "no evaluated run (see each result_log.txt for why): baseline" in capsys.readouterr().out
+    assert {r[0] for r in comparison_rows(tmp_path)} == {"la"}
+    write_results(tmp_path, "proposed", {})
+    write_results(tmp_path, "la", {})
+    with pytest.raises(UserError, match="no method under --save_root has an evaluated run"):
+        report.main(["--save_root", str(tmp_path)])
+
+
+def test_runs_are_paired_by_recorded_seed_and_planned_images_not_by_folder_number(tmp_path):
+    ref = {k: (0.50 + 0.01 * k, 0.9, 0.5) for k in range(1, 5)}                 # seed k in run_k
+    # la's run_7 was trained with --seed 1, run_8 with --seed 2; run_3 has seed 3 but other images
+    la = {7: (0.60, 0.9, 0.5), 8: (0.70, 0.9, 0.5), 3: (0.90, 0.9, 0.5)}
+    write_results(tmp_path, "proposed", {0.1: ref})
+    write_results(tmp_path, "la", {0.1: la}, seeds={7: 1, 8: 2}, subsets={7: "subset-1", 8: "subset-2", 3: "other"})
+    report.main(["--save_root", str(tmp_path)])
+    row = comparison_rows(tmp_path)[("la", "0.1", "balanced_accuracy")]
+    assert int(row["n_pairs"]) == 2                                          # seeds 1 and 2; seed 3 left out
+    assert float(row["mean_diff"]) == pytest.approx(((0.60 - 0.51) + (0.70 - 0.52)) / 2, abs=1e-6)
+    md = (tmp_path / "comparison.md").read_text()
+    assert "seed 3: /x/la/1_0.1/run_3 and /x/proposed/1_0.1/run_3 trained on different images" in md
+
+
+def test_minority_flag_chooses_the_class_the_comparison_calls_minority(tmp_path):
+    classes = ("tshirt", "shirt", "trouser")
+    ref = {k: (0.7, 0.9, 0.5) for k in range(1, 4)}
+    la = {k: (0.7, 0.8, 0.6) for k in range(1, 4)}
+    for name, runs in (("proposed", ref), ("la", la)):
+        write_results(tmp_path, name, {(1.0, 0.5, 0.1): runs}, classes=classes)
+        data = json.loads((tmp_path / name / "results.json").read_text())
+        for r in data["variants"][name]["1_0.5_0.1"]["runs"]:
+            r["metrics"]["per_class_acc"]["shirt"] -= 0.25 if name == "la" else 0.0    # shirt: la - ref = -0.15
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    report.main(["--save_root", str(tmp_path), "--minority", "shirt"])
+    rows = comparison_rows(tmp_path)
+    assert float(rows[("la", "1:0.5:0.1", "minority")]["mean_diff"]) == pytest.approx(-0.15, abs=1e-6)
+    assert float(rows[("la", "1:0.5:0.1", "majority")]["mean_diff"]) == pytest.approx(-0.1, abs=1e-6)
+    assert "### minority accuracy (shirt)" in (tmp_path / "comparison.md").read_text()
+    report.main(["--save_root", str(tmp_path)])                                 # default: the last class
+    assert float(comparison_rows(tmp_path)[("la", "1:0.5:0.1", "minority")]["mean_diff"]) == pytest.approx(0.1)
+
+
+def test_ratios_with_the_same_ends_stay_separate_cells(tmp_path):
+    classes = ("tshirt", "shirt", "trouser")
+    a = {k: (0.7, 0.9, 0.5) for k in range(1, 3)}
+    b = {k: (0.6, 0.9, 0.2) for k in range(1, 3)}
+    write_results(tmp_path, "proposed", {(1.0, 0.5, 0.1): a, (1.0, 0.2, 0.1): b}, classes=classes)
+    write_results(tmp_path, "la", {(1.0, 0.5, 0.1): a, (1.0, 0.2, 0.1): b}, classes=classes)
+    report.main(["--save_root", str(tmp_path)])
+    cells = {(r["variant"], r["ratio"]) for r in csv.DictReader(open(tmp_path / "table1.csv"))}
+    assert cells == {(v, r) for v in ("proposed", "la") for r in ("1:0.5:0.1", "1:0.2:0.1")}
+    table = (tmp_path / "table1.md").read_text()
+    assert "| variant | 1:0.5:0.1 | 1:0.2:0.1 |" in table and "| proposed | 0.5000 ± 0.0000 (n=2) | 0.2000" in table
+
+
+@pytest.mark.parametrize("other", [{"test_root": "/data/other"}, {"precision": "bf16"}])
+def test_methods_evaluated_on_other_test_images_or_precision_are_not_compared(tmp_path, other):
+    runs = {k: (0.6 + 0.01 * k, 0.9, 0.3) for k in range(1, 4)}
+    write_results(tmp_path, "proposed", {0.1: runs})
+    write_results(tmp_path, "la", {0.1: runs}, **other)
+    what = "test folder" if "test_root" in other else "evaluation precision"
+    with pytest.raises(UserError, match=f"la and proposed were evaluated with another {what}"):
+        report.main(["--save_root", str(tmp_path)])

@@ -22,6 +22,22 @@ def test_array_spec_and_the_argv_every_job_runs():
     assert slurm.grid_argv(argv) == ["--save_root", "s", "--num_epochs", "5"]
 
 
+def test_an_abbreviated_flag_is_refused_before_any_job_is_written(image_data, tmp_path):
+    import importlib
+    argv = ["--train_data_root", image_data["train"], "--classes", "water-deer", "roe-deer", "--save_root",
+            str(tmp_path), "--ratios", "0.1", "--runs", "1", "--slurm", "--max_par", "2", "--dry_run"]
+    with pytest.raises(reproduce.UserError, match="--max_par 2: neither a reproduce.py flag nor a train.py flag"):
+        reproduce.main(argv)
+    assert not (tmp_path / "slurm").exists()
+    for name in ("train", "validation", "reproduce", "report", "predict", "demo", "study", "bench"):
+        parser = importlib.import_module(name).get_args_parser()
+        assert parser.allow_abbrev is False, name
+    train = importlib.import_module("train").get_args_parser()
+    assert train.parse_args(["--num_epochs", "3"]).num_epochs == 3
+    with pytest.raises(SystemExit):                                      # argparse: unrecognized argument
+        train.parse_args(["--num_epoch", "3"])
+
+
 def test_dry_run_writes_plain_scripts_and_prints_the_sbatch_commands(image_data, tmp_path, capsys):
     argv = ["--train_data_root", image_data["train"], "--test_data_root", image_data["valid"], "--classes",
             "water-deer", "roe-deer", "--save_root", str(tmp_path), "--ratios", "0.1", "--runs", "2",
