@@ -52,7 +52,8 @@ def paper_grid_images():
 
 def get_args_parser():
     p = command_line(__doc__)
-    p.add_argument("--img_sizes", nargs="+", type=int, default=[64, 224])
+    p.add_argument("--img_sizes", nargs="*", type=int, default=[64, 224], help="image sizes of the compute, train and "
+                   "naive measurements (none: skip them, e.g. to measure --jobs_threads alone)")
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[64], help="paper: 64")
     p.add_argument("--device", default="auto")
     p.add_argument("--num_workers", type=int, default=None, help="as train.py (default: its own default)")
@@ -74,6 +75,10 @@ def get_args_parser():
     p.add_argument("--concurrent", nargs="+", type=int, default=[], help="also measure the total training img/s "
                    "of N train.py processes started together on the device (first image and batch size), "
                    "e.g. 1 2 4 8")
+    p.add_argument("--jobs_threads", nargs="*", default=None, metavar="JxT", help="total training img/s of J train.py "
+                   "processes side by side with T threads each (--threads T --num_workers 0, as reproduce.py runs "
+                   "cells on a CPU), at 32 and 64 px; default with --jobs_threads alone: 1xN, (N/2)x2 and Nx1 for the "
+                   "N CPUs this process may use; the JSON reports the table, the fastest and reproduce.py's default")
     p.add_argument("--losses", nargs="*", default=list(LOSS_METHODS), help="methods whose loss is timed against "
                    "the baseline's step in the compute measurement: loss_overhead (default: " + " ".join(LOSS_METHODS)
                    + "; none: give --losses alone)")
@@ -431,7 +436,30 @@ def measure_config(args, size, batch, cpu):
     return r
 
 
-def measure_concurrent(args, size, batch, n, epochs=6):
+def jobs_threads_configs(spec, cpus):
+    """--jobs_threads -> [(jobs, threads)]: as given ('2x1'), or 1xN, (N/2)x2, Nx1 for N CPUs."""
+    if spec:
+        return [tuple(int(v) for v in c.lower().split("x")) for c in spec]
+    return list(dict.fromkeys([(1, cpus), *([(cpus // 2, 2)] if cpus >= 4 and cpus % 2 == 0 else []), (cpus, 1)]))
+
+
+def measure_jobs_threads(args, sizes=(32, 64), batch=64):
+    """Total training img/s of J x T for each configuration at each size -> table, fastest per size."""
+    table = []
+    for size in sizes:
+        for jobs, threads in jobs_threads_configs(args.jobs_threads, available_cpus()):
+            c = measure_concurrent(args, size, batch, jobs, epochs=4,
+                                   extra=["--threads", str(threads), "--num_workers", "0"])
+            table.append({"img_size": size, "jobs": jobs, "threads": threads, "total_img_per_s": c["total_img_per_s"],
+                          "whole_job_img_per_s": c["whole_job_img_per_s"]})
+            print(f"{jobs} job(s) x {threads} thread(s) at {size} px, batch {batch}: {c['total_img_per_s']:.1f} img/s "
+                  f"in all (whole job {c['whole_job_img_per_s']:.1f})", flush=True)
+    fastest = {size: max((r for r in table if r["img_size"] == size), key=lambda r: r["total_img_per_s"])
+               for size in sizes}
+    return table, {f"{s}px": f"{r['jobs']}x{r['threads']}" for s, r in fastest.items()}
+
+
+def measure_concurrent(args, size, batch, n, epochs=6, extra=()):
     """Total training img/s of n train.py processes started together on the device, each in its own
     run folder and seed: the sum over runs of each run's median epoch rate over epochs 2..epochs (while
     all of them train), and the whole job's images / wall time (start-up and decoding included)."""
@@ -440,10 +468,13 @@ def measure_concurrent(args, size, batch, n, epochs=6):
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--train_data_root", os.path.join(args.work_dir, "train"),
            "--classes", *CLASSES, "--ratio", "1:1", "--save_root", save, "--num_epochs", str(epochs),
            "--img_size", str(size), "--weights", "none", "--batch_size", str(batch), "--device", args.device,
-           *shlex.split(args.train_flags)]
+           *shlex.split(args.train_flags), *extra]
+    env = dict(os.environ)
+    if "--threads" in extra:
+        env.update(OMP_NUM_THREADS=extra[extra.index("--threads") + 1])
     t0 = time.perf_counter()
     procs = [subprocess.Popen(cmd + ["--run_id", str(k), "--seed", str(k)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for k in range(1, n + 1)]
+                              stderr=subprocess.PIPE, text=True, env=env) for k in range(1, n + 1)]
     errors = [p.communicate()[1] for p in procs]
     wall = time.perf_counter() - t0
     if any(p.returncode for p in procs):
@@ -500,12 +531,15 @@ def main():
               f"{c['total_img_per_s']:.1f} img/s in all ({c['total_img_per_s'] / concurrent[0]['total_img_per_s']:.2f}x "
               f"the first count's), whole job {c['whole_job_img_per_s']:.1f} img/s; paper grid at this rate: "
               f"{paper_grid_images() / c['total_img_per_s'] / 3600:.1f} h", flush=True)
-    first = configs[0]
+    side_by_side = fastest = None
+    if args.jobs_threads is not None and device.type == "cpu":
+        side_by_side, fastest = measure_jobs_threads(args)
+    first = configs[0] if configs else None
     summary = {"device": name, "img_size": args.img_sizes, "train_flags": args.train_flags,
-               "train_vs_naive": round(first["train_vs_naive"], 3) if first["train_vs_naive"] else None,
-               "train_vs_compute_limit": round(first["train_vs_compute_limit"], 3),
-               "contrastive_overhead": first["contrastive_overhead"] and round(first["contrastive_overhead"], 3),
-               "loss_overhead": _round(first["loss_overhead"]),
+               "train_vs_naive": round(first["train_vs_naive"], 3) if first and first["train_vs_naive"] else None,
+               "train_vs_compute_limit": round(first["train_vs_compute_limit"], 3) if first else None,
+               "contrastive_overhead": first and first["contrastive_overhead"] and round(first["contrastive_overhead"], 3),
+               "loss_overhead": _round(first["loss_overhead"]) if first else None,
                "eval_speedup": round(evals[0]["eval_speedup"], 3) if evals else None,
                "eval_img_size": evals[0]["img_size"] if evals else None,
                "per_config": [_round({
@@ -521,7 +555,10 @@ def main():
                    for c in configs],
                "eval": [_round(e) for e in evals],
                "concurrent": [_round({**c, "paper_grid_hours": paper_grid_images() / c["total_img_per_s"] / 3600})
-                              for c in concurrent]}
+                              for c in concurrent],
+               "jobs_threads": side_by_side and [_round(r) for r in side_by_side],
+               "jobs_threads_fastest": fastest,
+               "reproduce_default_on_cpu": f"{available_cpus()}x1"}
     print(json.dumps(summary))
 
 

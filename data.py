@@ -254,6 +254,17 @@ class PaperAugment:
 
     def __init__(self):
         self.randaugment, self.jitter = v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)
+        self._magnitudes = {}   # (operation, H, W) -> its magnitude at RandAugment's bin, or None
+
+    def _magnitude(self, name, magnitudes_fn, h, w):
+        """RandAugment's magnitude of an operation for an H x W image: a pure function of them (no random
+        draw), computed once instead of once per image."""
+        key = (name, h, w)
+        if key not in self._magnitudes:
+            ra = self.randaugment
+            magnitudes = magnitudes_fn(ra.num_magnitude_bins, h, w)
+            self._magnitudes[key] = None if magnitudes is None else float(magnitudes[ra.magnitude])
+        return self._magnitudes[key]
 
     def _draw(self, x):
         """-> ([(operation, magnitude)] of RandAugment, ColorJitter's order, its 3 factors), drawn as
@@ -261,15 +272,14 @@ class PaperAugment:
         ra, ops = self.randaugment, []
         for _ in range(ra.num_ops):
             name, (magnitudes_fn, signed) = ra._get_random_item(ra._AUGMENTATION_SPACE)
-            magnitudes = magnitudes_fn(ra.num_magnitude_bins, x.shape[-2], x.shape[-1])
-            magnitude = 0.0
-            if magnitudes is not None:
-                magnitude = float(magnitudes[ra.magnitude])
-                if signed and torch.rand(()) <= 0.5:
-                    magnitude *= -1
+            magnitude = self._magnitude(name, magnitudes_fn, x.shape[-2], x.shape[-1])
+            if magnitude is None:
+                magnitude = 0.0
+            elif signed and torch.rand(()) <= 0.5:
+                magnitude *= -1
             ops.append((name, magnitude))
         p = self.jitter.make_params([x])
-        order = tuple(int(i) for i in p["fn_idx"] if i < 3)   # 0 brightness, 1 contrast, 2 saturation
+        order = tuple(i for i in p["fn_idx"].tolist() if i < 3)   # 0 brightness, 1 contrast, 2 saturation
         return ops, order, (p["brightness_factor"], p["contrast_factor"], p["saturation_factor"])
 
     def _randaugment_op(self, x, op, idx):

@@ -41,6 +41,12 @@ def get_args_parser():
     p.add_argument("--num_epochs", type=int, default=3, help="epochs per run (paper: 100)")
     p.add_argument("--max_per_class", type=int, default=600, help="majority images (paper: 10,000)")
     p.add_argument("--img_size", type=int, default=32, help="image size (paper: 224)")
+    p.add_argument("--jobs", type=int, default=None, help="cells at once (reproduce.py --jobs; default: as many as the "
+                   "CPUs allow at one thread each, measured fastest on 2 cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per cell (reproduce.py --threads; "
+                   "default 1); the thread count changes the last bits of the weights, so the tables too")
+    p.add_argument("--keep_last", action="store_true", help="keep each run's last.pth (135 MB each, 6.5 GB for the "
+                   "48 runs); by default a finished run keeps best.pth only (45 MB each, 2.2 GB)")
     p.add_argument("--build_only", action="store_true", help="only write the ImageFolders")
     return p
 
@@ -113,7 +119,9 @@ def main(argv=None):
                "--classes", *CONDITIONS[cond], "--save_root", os.path.join(args.save_root, cond),
                "--ratios", *args.ratios, "--runs", str(args.runs),
                "--num_epochs", str(args.num_epochs), "--max_per_class", str(args.max_per_class),
-               "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu"]
+               "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu",
+               *(["--jobs", str(args.jobs)] if args.jobs else []), *(["--threads", str(args.threads)] if args.threads else []),
+               *([] if args.keep_last else ["--no-keep_last"])]
         print(f"\n== {cond}-grained condition: {' vs '.join(CONDITIONS[cond])}\n$ {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise UserError(f"reproduce.py stopped on the {cond} condition (its message is above); re-run "

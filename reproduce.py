@@ -11,6 +11,7 @@ evaluation job (slurm.py; see README.md).
 """
 import concurrent.futures as cf
 import json
+import multiprocessing as mp
 import os
 import queue
 import shlex
@@ -22,7 +23,8 @@ import time
 import slurm
 from runs import is_complete, planned_settings, setting_differences
 from losses import PAPER_NAMES, method_flags, parse_method
-from utils import UserError, command_line, ensure_output_dir, parse_ratio_or_all, ratio_folder_name, run_main
+from utils import (UserError, available_cpus, command_line, ensure_output_dir, parse_ratio_or_all, ratio_folder_name,
+                   run_main)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD_FLAGS = ("--contrastive", "--oversampling", "--loss", "--sampler", "--drw", "--aux", "--fscl_negative")
@@ -45,7 +47,13 @@ def get_args_parser():
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids, e.g. 0,1: cells run side by side, "
                    "each pinned to one GPU with CUDA_VISIBLE_DEVICES")
     p.add_argument("--jobs_per_gpu", type=int, default=1, help="cells at once on each GPU (ResNet-18 leaves room)")
-    p.add_argument("--jobs", type=int, default=1, help="cells at once without --gpus (CPU)")
+    p.add_argument("--jobs", type=int, default=None, help="cells at once without --gpus. On a CPU (default): as many as "
+                   "the CPUs this process may use allow at --threads each (bench.py measured 2 cells x 1 thread at "
+                   "1.4-1.6x the throughput of 1 x 2 on 2 cores); on one CUDA device: 1")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of each cell (train.py --threads). On a "
+                   "CPU (default): 1, or the CPUs / --jobs when --jobs is given; jobs x threads may not exceed the CPUs. "
+                   "With --gpus: the CPUs / the cells at once. With --task_id (one cell): all the CPUs. The thread "
+                   "count changes the last bits of CPU-trained weights (recorded in each config.json)")
     p.add_argument("--dry_run", action="store_true", help="print the plan, one train.py command per line")
     p.add_argument("--task_id", type=int, default=None, help="run only cell I (0-based) of the full grid")
     p.add_argument("--eval_only", action="store_true", help="skip training; run validation.py and report.py")
@@ -76,8 +84,9 @@ def parse(argv):
         if any(a == flag or a.startswith(flag + "=") for a in passthrough):
             raise UserError(f"{flag} cannot be passed through reproduce.py: it sets it per cell "
                             f"(each run_k is seeded with k; the method comes from --variants)")
-    if args.runs < 1 or args.jobs < 1 or args.jobs_per_gpu < 1 or (args.max_parallel or 1) < 1:
-        raise UserError("--runs, --jobs, --jobs_per_gpu and --max_parallel must be at least 1")
+    if args.runs < 1 or (args.jobs or 1) < 1 or args.jobs_per_gpu < 1 or (args.max_parallel or 1) < 1 \
+            or (args.threads or 1) < 1:
+        raise UserError("--runs, --jobs, --threads, --jobs_per_gpu and --max_parallel must be at least 1")
     if args.slurm and (args.task_id is not None or args.eval_only or args.gpus):
         raise UserError("--slurm submits the whole grid; it cannot be combined with --task_id, --eval_only or --gpus")
     if (args.slurm_args or args.max_parallel) and not args.slurm:
@@ -137,12 +146,70 @@ def mismatch(args, passthrough, cell, run_dir):
     return "; ".join(f"{d} (recorded vs planned)" for d in diff) or None
 
 
+def flag_value(argv, flag):
+    """The value of flag in a command line (--flag V or --flag=V), or None."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def on_cpu(args, passthrough):
+    """Whether the cells train on the CPU: no --gpus, and train.py's --device cpu, or auto without CUDA."""
+    if args.gpus:
+        return False
+    device = flag_value(passthrough, "--device") or "auto"
+    if device != "auto":
+        return device == "cpu"
+    import torch
+    return not torch.cuda.is_available()
+
+
+def side_by_side(args, passthrough, cpus=None):
+    """-> (cells at once, torch threads of each cell or None for torch's default). On a CPU, jobs x
+    threads never exceeds the CPUs this process may use (os.sched_getaffinity): more would make every
+    cell spin on every core, several times slower than one at a time."""
+    cpus = cpus or available_cpus()
+    if args.gpus:
+        n = len(args.gpus.split(",")) * args.jobs_per_gpu
+        return n, args.threads or (max(1, cpus // n) if n > 1 else None)
+    if args.task_id is not None:
+        return 1, args.threads or (cpus if on_cpu(args, passthrough) else None)
+    if not on_cpu(args, passthrough):
+        return args.jobs or 1, args.threads
+    jobs, threads = args.jobs, args.threads
+    if jobs is None and threads is None:
+        jobs, threads = cpus, 1                     # bench.py's jobs x threads measurement (README, Performance)
+    elif jobs is None:
+        jobs = max(1, cpus // threads)
+    elif threads is None:
+        threads = max(1, cpus // jobs)
+    if jobs * threads > cpus:
+        raise UserError(f"--jobs {jobs} x --threads {threads} = {jobs * threads} threads on the {cpus} CPU(s) this "
+                        f"process may use: each cell would spin on the others' cores, several times slower than one "
+                        f"at a time; choose jobs x threads <= {cpus}")
+    return jobs, threads
+
+
+def machine_flags(args, passthrough, jobs, threads):
+    """train.py flags that place a cell on the machine: its threads and, for cells side by side on a CPU,
+    decoding and augmentation in the cell's own process (--num_workers 0, unless given), so that no
+    worker process takes a core another cell counts on."""
+    flags = ["--threads", str(threads)] if threads else []
+    if jobs > 1 and on_cpu(args, passthrough) and flag_value(passthrough, "--num_workers") is None:
+        flags += ["--num_workers", "0"]
+    return flags
+
+
 def plan(args, passthrough):
     cells = grid(args)
     if args.task_id is not None:
         if not 0 <= args.task_id < len(cells):
             raise UserError(f"--task_id {args.task_id}: the grid has cells 0..{len(cells) - 1}")
         cells = [cells[args.task_id]]
+    extra = machine_flags(args, passthrough, *side_by_side(args, passthrough))
     todo, done, unlike = [], 0, []
     for cell in cells:
         run_dir, cmd = cell_command(args, passthrough, cell)
@@ -154,7 +221,7 @@ def plan(args, passthrough):
         if cmd is None:
             done += 1
         else:
-            todo.append((cell, run_dir, cmd))
+            todo.append((cell, run_dir, cmd + extra))
     if unlike:
         raise UserError(f"{len(unlike)} run folder(s) under {args.save_root} hold runs made with other settings "
                         f"than this command plans, so they cannot count as its cells; nothing was trained:\n"
@@ -185,19 +252,53 @@ def run_subprocess(cmd, gpu, log_path):
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    threads = flag_value(cmd, "--threads")
+    if threads:                     # native libraries' pools too, from the interpreter's start
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     with open(log_path, "ab") as log:
         return subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:]], env=env,
                               stdout=log, stderr=subprocess.STDOUT).returncode
 
 
-def train_all(args, todo):
-    """Run the planned cells; sequential in-process, or side by side in subprocesses. -> failed cells."""
+def run_logged(cmd, log_path):
+    """One cell in this process (a worker of run_side_by_side), its output (Python's and the native
+    libraries') appended to log_path -> train.py's exit code (130: interrupted)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            return run_in_process(cmd)
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+
+
+def cpu_slot():
+    """A slot for cells side by side on a CPU: one worker process that stays for the whole grid (torch
+    is imported once per slot, not once per cell) and runs each cell as run_in_process does, with the
+    cell's --threads. Started with 'spawn' on every OS: no state of this process is inherited."""
+    return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+
+
+def train_all(args, passthrough, todo):
+    """Run the planned cells: one at a time in this process, or side by side (--jobs on a CPU: a worker
+    process per slot; --gpus: a train.py process per cell, pinned to its GPU), each cell's output in
+    <save_root>/reproduce_logs/. -> failed cells."""
     slots = queue.Queue()
     gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else [None]
+    jobs, _ = side_by_side(args, passthrough)
+    parallel = (args.jobs_per_gpu if args.gpus else jobs) * len(gpus) > 1
     for g in gpus:
-        for _ in range(args.jobs_per_gpu if args.gpus else args.jobs):
-            slots.put(g)
-    parallel = slots.qsize() > 1
+        for _ in range(args.jobs_per_gpu if args.gpus else jobs):
+            slots.put(g if args.gpus or not parallel else cpu_slot())
     log_dir = os.path.join(args.save_root, "reproduce_logs")  # one output file per cell run side by side
     if parallel:
         os.makedirs(log_dir, exist_ok=True)
@@ -205,27 +306,40 @@ def train_all(args, todo):
 
     def one(item):
         cell, run_dir, cmd = item
-        gpu = slots.get()
+        slot = slots.get()
         t0 = time.time()
         try:
-            name = "_".join(run_dir.split(os.sep)[-3:])
-            rc = run_subprocess(cmd, gpu, os.path.join(log_dir, name + ".txt")) if parallel else run_in_process(cmd)
+            log = os.path.join(log_dir, "_".join(run_dir.split(os.sep)[-3:]) + ".txt")
+            if not parallel:
+                rc = run_in_process(cmd)
+            elif isinstance(slot, cf.Executor):
+                rc = slot.submit(run_logged, cmd, log).result()
+            else:
+                rc = run_subprocess(cmd, slot, log)
         finally:
-            slots.put(gpu)
+            slots.put(slot)
         with lock:
             count[0] += 1
             status = "done" if rc == 0 else f"FAILED (exit {rc})"
             print(f"[{count[0]}/{len(todo)}] {status} {run_dir} in {time.time() - t0:.0f}s"
-                  + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
+                  + (f" on GPU {slot}" if args.gpus else ""), flush=True)
             if rc != 0:
                 failed.append(run_dir)
+        if rc == 130:
+            raise KeyboardInterrupt
 
-    if parallel:
-        with cf.ThreadPoolExecutor(slots.qsize()) as pool:
-            list(pool.map(one, todo))
-    else:
-        for item in todo:
-            one(item)
+    try:
+        if parallel:
+            with cf.ThreadPoolExecutor(slots.qsize()) as pool:
+                list(pool.map(one, todo))
+        else:
+            for item in todo:
+                one(item)
+    finally:
+        while not slots.empty():
+            slot = slots.get()
+            if isinstance(slot, cf.Executor):
+                slot.shutdown(cancel_futures=True)
     return failed
 
 
@@ -246,8 +360,10 @@ def main(argv=None):
         print(f"# {len(todo)} train.py command(s) to run, {done} cell(s) already complete", file=sys.stderr)
         return
     ensure_output_dir(args.save_root, "--save_root")
-    print(f"{len(todo)} run(s) to train, {done} already complete, under {args.save_root}", flush=True)
-    failed = train_all(args, todo) if todo else []
+    jobs, threads = side_by_side(args, passthrough)
+    print(f"{len(todo)} run(s) to train, {done} already complete, under {args.save_root}; {jobs} at once"
+          + (f", {threads} thread(s) each" if threads else ""), flush=True)
+    failed = train_all(args, passthrough, todo) if todo else []
     if args.task_id is None and args.test_data_root:
         evaluate(args)
     if failed:

@@ -171,11 +171,12 @@ SLURM_ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "ar
              "node": "SLURMD_NODENAME"}
 
 
-def record_provenance(cfg, device, state):
-    """Where and with what the run was made (with the Slurm job, array task and node when it ran as one);
-    a resume appends its own entry and keeps the original."""
+def record_provenance(cfg, device, state, threads):
+    """Where and with what the run was made (with the Slurm job, array task and node when it ran as one,
+    and torch's thread count, which changes the last bits of CPU training); a resume appends its own
+    entry and keeps the original."""
     here = {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": platform.python_version(), "device": str(device), "host": platform.node()}
+            "python": platform.python_version(), "device": str(device), "threads": threads, "host": platform.node()}
     if "SLURM_JOB_ID" in os.environ:
         here["slurm"] = {k: os.environ.get(v) for k, v in SLURM_ENV.items()}
     if "git_commit" not in cfg:

@@ -43,6 +43,9 @@ def get_args_parser():
     p.add_argument("--data_dir", default=os.path.join(HERE, "dataset", "fashion-mnist"),
                    help="where demo.py's ImageFolders are (written when missing)")
     p.add_argument("--source", default=demo.DEBIAN_DIR, help="folder with Fashion-MNIST's idx .gz files")
+    p.add_argument("--jobs", type=int, default=None, help="cells at once (reproduce.py --jobs; default: as many as the "
+                   "CPUs allow at one thread each)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per cell (reproduce.py --threads; default 1)")
     p.add_argument("--dry_run", action="store_true", help="print the reproduce.py commands only")
     return p
 
@@ -54,7 +57,8 @@ def reproduce_command(args, cond, roots):
             "--variants", *args.methods, "--ratios", *args.ratios, "--runs", str(args.runs),
             "--num_epochs", str(args.num_epochs), "--max_per_class", str(args.max_per_class),
             "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu", "--no-keep_last",
-            "--reference", args.reference]
+            "--reference", args.reference, *(["--jobs", str(args.jobs)] if args.jobs else []),
+            *(["--threads", str(args.threads)] if args.threads else [])]
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ from utils import (BackgroundSaver, UserError, WriteError, append_line, availabl
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
 # flags that --resume accepts: they change how fast a run goes, not its result (see runs.run_settings)
-RESUME_FLAGS = ("device", "num_workers", "cache", "compile", "channels_last", "keep_last")
+RESUME_FLAGS = ("device", "num_workers", "threads", "cache", "compile", "channels_last", "keep_last")
 
 
 def get_args_parser():
@@ -101,6 +101,10 @@ def get_args_parser():
     g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers for training and for the "
                    "first decoding pass (default: training 0 on CPU, where the model needs the cores, min(8, CPUs) "
                    "on CUDA; decoding min(8, CPUs)); 0 = everything in this process. The results do not depend on it")
+    g.add_argument("--threads", type=int, default=None, help="torch threads of this run (intra- and inter-op), "
+                   "at most the CPUs this process may use (default: torch's own, all of them). Changes the last bits "
+                   "of the weights on a CPU, not the experiment: recorded in config.json, not in the fingerprint. "
+                   "reproduce.py sets it for cells run side by side")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (default on; ignored on CPU); --no-amp trains in exact float32 "
                    "(TF32 off)")
@@ -152,11 +156,18 @@ def check_args(args):
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     decoding_workers(args.num_workers)   # refuses a negative value before anything is made
+    check_threads(args.threads)
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be a non-negative integer (0, 1, 2, ...), got {args.seed}")
     check_method(args)
     data.build_augment(args.augment)
     parse_ratio_or_all(args.ratio, args.classes)
+
+
+def check_threads(threads):
+    if threads is not None and not 1 <= threads <= available_cpus():
+        raise UserError(f"--threads must be between 1 and the {available_cpus()} CPU(s) this process may use, "
+                        f"got {threads}")
 
 
 def given_flags(argv):
@@ -203,6 +214,7 @@ def prepare_resume(args, given):
                         f"with --resume (allowed: {' '.join('--' + f for f in RESUME_FLAGS)}). "
                         f"Start a new run for other settings.")
     decoding_workers(args.num_workers)   # refuses a negative value before anything is made
+    check_threads(args.threads)
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"--resume {run_dir}: no config.json there; give a run folder made by train.py")
@@ -374,6 +386,27 @@ def main(argv=None, epoch_done=None):
     args = get_args_parser().parse_args(argv)
     use_exact_float32()   # float32 means IEEE float32 on CUDA too (no TF32); bf16 only under --amp
     run_dir, cfg, state = prepare_run(args, given_flags(argv))
+    before = torch.get_num_threads()
+    try:
+        threads = use_threads(cfg["args"].get("threads"))
+        return train_run(run_dir, cfg, state, threads, epoch_done)
+    finally:
+        torch.set_num_threads(before)    # a grid that runs cells in this process gets its own count back
+
+
+def use_threads(n):
+    """torch's intra-op threads (and its inter-op threads, where this process has not used them yet)
+    set to n, before the run's first operation; None leaves torch's default. -> the count in force."""
+    if n is not None:
+        torch.set_num_threads(n)
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:
+            pass   # only settable once per process, before any inter-op work; intra-op is what training uses
+    return torch.get_num_threads()
+
+
+def train_run(run_dir, cfg, state, threads, epoch_done):
     a = cfg["args"]
     device = resolve_device(a["device"])
     try:
@@ -385,11 +418,12 @@ def main(argv=None, epoch_done=None):
         if not state and not os.listdir(run_dir):
             os.rmdir(run_dir)  # nothing was written: give the number back
         raise
-    record_provenance(cfg, device, state)
+    record_provenance(cfg, device, state, threads)
     write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
     counts = ", ".join(f"{c}: {v['used']}" for c, v in cfg["counts"].items())
     print(f"{run_dir}: {cfg['variant']} ratio {ratio_text(cfg['ratio'])}, images {counts}, "
-          f"seed {cfg['seed']}, device {device}, cache {cfg['cache_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+          f"seed {cfg['seed']}, device {device}, {threads} thread(s), cache {cfg['cache_bytes'] / 2**20:.0f} MiB",
+          file=sys.stderr)
 
     if device.type == "cuda" and a["channels_last"]:
         model = model.to(memory_format=torch.channels_last)

@@ -24,6 +24,14 @@ def make_image_folder(root, counts, size=(40, 48), seed=0):
     return str(root)
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_for_grids(monkeypatch):
+    """reproduce.py plans as on a 1-CPU machine unless a test says otherwise: its cells run in the test's
+    process, one at a time, with 1 thread (a worker process side by side costs a torch import each;
+    tests/test_side_by_side.py tests that path)."""
+    monkeypatch.setattr("reproduce.available_cpus", lambda: 1)
+
+
 @pytest.fixture(scope="session")
 def image_data(tmp_path_factory):
     """{'train': ..., 'valid': ...}: 40 water-deer / 30 roe-deer / 30 wild-boar train, 8 each valid."""

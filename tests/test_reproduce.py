@@ -20,12 +20,14 @@ def plan_lines(capsys, argv):
     return [l for l in capsys.readouterr().out.splitlines() if l.strip()]
 
 
+
 def test_dry_run_of_the_default_grid_has_200_train_commands(capsys, tmp_path):
     lines = plan_lines(capsys, GRID + ["--save_root", str(tmp_path), "--num_epochs", "7"])
     assert len(lines) == 200 and all(l.startswith("python3 train.py ") for l in lines)
     assert sum("--contrastive --oversampling" in l for l in lines) == 50
     assert sum("--ratio 1:0.005 " in l for l in lines) == 40
-    assert all(l.endswith("--num_epochs 7") for l in lines)        # other flags pass through unchanged
+    assert all(l.endswith("--num_epochs 7 --threads 1") for l in lines)   # other flags pass through unchanged,
+                                                                   # then the machine's (conftest: 1 CPU)
     assert len({l for l in lines}) == 200
 
 
@@ -51,7 +53,7 @@ def test_completed_cells_are_skipped_and_interrupted_ones_resumed(capsys, tmp_pa
     fake_run(half, argv, ("proposed", "1:0.01", 3), "last.pth")
     lines = plan_lines(capsys, argv)
     assert len(lines) == 199
-    assert f"python3 train.py --resume {half}" in lines
+    assert f"python3 train.py --resume {half} --threads 1" in lines
     assert not any("--ratio 1:0.1 " in l and "--run_id 1 " in l and "--contrastive" not in l
                    and "--oversampling" not in l for l in lines)
 

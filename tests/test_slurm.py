@@ -100,7 +100,8 @@ def test_the_grid_on_a_real_scheduler_equals_the_in_process_grid_and_resubmits_o
         cluster, image_data, tmp_path, capsys, monkeypatch):
     grid = ["--train_data_root", image_data["train"], "--test_data_root", image_data["valid"], "--classes",
             "water-deer", "roe-deer", "--variants", "baseline", "proposed", "--ratios", "0.5", "0.1", "--runs", "2",
-            "--num_epochs", "1", "--img_size", "32", "--weights", "none", "--batch_size", "16", "--device", "cpu"]
+            "--num_epochs", "1", "--img_size", "32", "--weights", "none", "--batch_size", "16", "--device", "cpu",
+            "--threads", "1"]                      # the same thread count in an array task as side by side here
     reproduce.main(grid + ["--save_root", str(tmp_path / "local")])               # the same grid, in-process
 
     on_slurm = tmp_path / "slurm_runs"
