@@ -24,7 +24,8 @@ from utils import UserError, command_line, ensure_output_dir, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-LABELS = {0: "tshirt-top", 1: "trouser", 6: "shirt"}
+LABELS = {0: "tshirt-top", 1: "trouser", 2: "pullover", 3: "dress", 4: "coat", 5: "sandal", 6: "shirt", 7: "sneaker",
+          8: "bag", 9: "ankle-boot"}                                  # Fashion-MNIST's ten classes
 CONDITIONS = {"fine": ("tshirt-top", "shirt"), "coarse": ("tshirt-top", "trouser")}
 SPLITS = {"train": "train", "valid": "t10k"}
 
@@ -46,7 +47,8 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (reproduce.py --threads; "
                    "default 1); the thread count changes the last bits of the weights, so the tables too")
     p.add_argument("--keep_last", action="store_true", help="keep each run's last.pth (135 MB each, 6.5 GB for the "
-                   "48 runs); by default a finished run keeps best.pth only (45 MB each, 2.2 GB)")
+                   "48 runs) and the weights of the other rules of model selection; by default a finished run keeps "
+                   "best.pth only (45 MB each, 2.1 GB), all the demo evaluates")
     p.add_argument("--build_only", action="store_true", help="only write the ImageFolders")
     return p
 
@@ -77,16 +79,17 @@ def load_fashion_mnist(source, split):
                         f"dataset-fashion-mnist) nor downloadable by torchvision ({type(e).__name__}: {e})")
 
 
-def build_image_folders(source, data_dir, conditions, limit=None):
+def build_image_folders(source, data_dir, conditions, limit=None, classes=None):
     """Write <data_dir>/<condition>/<train|valid>/<class>/<index>.png; returns {condition: {split: root}}.
-    Files already there are kept (a second call writes nothing). limit caps the images per class."""
-    roots = {}
+    Files already there are kept (a second call writes nothing). limit caps the images per class (the
+    first ones of the split); classes {condition: class names} for conditions other than CONDITIONS."""
+    roots, classes = {}, {**CONDITIONS, **(classes or {})}
     for split, prefix in SPLITS.items():
         images, labels = load_fashion_mnist(source, prefix)
         for cond in conditions:
             root = os.path.join(data_dir, cond, split)
             roots.setdefault(cond, {})[split] = root
-            for name in CONDITIONS[cond]:
+            for name in classes[cond]:
                 label = next(k for k, v in LABELS.items() if v == name)
                 index = np.flatnonzero(labels == label)[:limit]
                 folder = os.path.join(root, name)
@@ -121,7 +124,7 @@ def main(argv=None):
                "--num_epochs", str(args.num_epochs), "--max_per_class", str(args.max_per_class),
                "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu",
                *(["--jobs", str(args.jobs)] if args.jobs else []), *(["--threads", str(args.threads)] if args.threads else []),
-               *([] if args.keep_last else ["--no-keep_last"])]
+               *([] if args.keep_last else ["--no-keep_last", "--keep_selected", "train_acc"])]
         print(f"\n== {cond}-grained condition: {' vs '.join(CONDITIONS[cond])}\n$ {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise UserError(f"reproduce.py stopped on the {cond} condition (its message is above); re-run "

@@ -24,7 +24,8 @@ import numpy as np
 from scipy import stats
 
 from losses import METHODS
-from runs import run_number
+from runs import SELECT_RULES, run_number
+from validation import SELECT_TEXT, results_name
 from utils import UserError, command_line, ensure_output_dir, run_main, write_text_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,10 +41,14 @@ def get_args_parser():
     p.add_argument("--reference", default=None, help="the method every other one is compared with, run by run "
                    "(default: proposed, the paper's method, when present)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level after Holm's correction (0.05)")
+    p.add_argument("--select", default="train_acc", choices=SELECT_RULES, help="report the evaluation under this rule "
+                   "of model selection (validation.py --select): train_acc (default, the paper's rule) reads "
+                   "results.json and writes to --save_root; another rule reads results_<rule>.json and writes to "
+                   "<save_root>/select_<rule>/ unless --out is given")
     return p
 
 
-def load_results(save_root):
+def load_results(save_root, select="train_acc"):
     """-> [(variant, {ratio: ratio entry}, {'test_data_root', 'precision', 'path'})] in the table's method
     order, from the variant folders' results.json. A ratio is the whole tuple of its parts (1.0, 0.1), so
     that 1:0.5:0.1 and 1:0.2:0.1 stay two cells. A method whose runs all failed (an evaluation after a
@@ -54,7 +59,7 @@ def load_results(save_root):
     names = sorted(os.listdir(save_root), key=lambda v: (order.index(v) if v in order else len(order), v))
     out = []
     for v in names:
-        path = os.path.join(save_root, v, "results.json")
+        path = os.path.join(save_root, v, results_name(select))
         if os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as f:
@@ -63,10 +68,12 @@ def load_results(save_root):
             except (OSError, ValueError, KeyError) as e:
                 raise UserError(f"{path} is not a results.json of validation.py for {v!r} ({type(e).__name__}: {e}); "
                                 f"run validation.py --model_root {os.path.join(save_root, v)} again")
-            meta = {"test_data_root": res.get("test_data_root"), "precision": res.get("precision"), "path": path}
+            meta = {"test_data_root": res.get("test_data_root"), "precision": res.get("precision"),
+                    "select": res.get("select", "train_acc"), "path": path}
             out.append((v, {tuple(e["ratio"]): e for e in ratios.values()}, meta))
     if not out:
-        raise UserError(f"no <variant>/results.json under {save_root}; run validation.py first")
+        raise UserError(f"no <variant>/{results_name(select)} under {save_root}; run validation.py"
+                        + ("" if select == "train_acc" else f" --select {select}") + " first")
     return out
 
 
@@ -94,9 +101,10 @@ def fmt(mean, std, n):
     return f"{mean:.4f} ± {std:.4f} (n={n})" if std is not None else f"{mean:.4f} (n={n})"
 
 
-def markdown_table(results, minority, paper=None):
+def markdown_table(results, minority, paper=None, select="train_acc"):
     ratios = ratio_order({r for _, cells, _ in results for r in cells})
-    head = [f"Accuracy of the minority class ({minority}): mean ± sample std over n runs", "",
+    head = [f"Accuracy of the minority class ({minority}): mean ± sample std over n runs, each at the epoch of "
+            f"{SELECT_TEXT[select]}", "",
             "| variant | " + " | ".join(ratio_label(r) for r in ratios) + " |",
             "|---" * (len(ratios) + 1) + "|"]
     rows = []
@@ -162,7 +170,7 @@ def figure(results, classes, path):
 
 METRICS = (("balanced_accuracy", "balanced accuracy"), ("minority", "minority accuracy"),
            ("majority", "majority accuracy"))
-SELECT_TEXT = {}
+
 
 
 def sign_flip_p(d):
@@ -242,7 +250,8 @@ def pair_runs(a, b):
 
 def check_comparable(name, meta, reference, ref_meta):
     """Two methods are compared only on the same test images, evaluated at the same precision."""
-    for key, what in (("test_data_root", "test folder"), ("precision", "evaluation precision")):
+    for key, what in (("test_data_root", "test folder"), ("precision", "evaluation precision"),
+                      ("select", "rule of model selection")):
         if meta[key] != ref_meta[key]:
             raise UserError(f"{name} and {reference} were evaluated with another {what} ({meta[key]} in "
                             f"{meta['path']}, {ref_meta[key]} in {ref_meta['path']}), so their runs cannot be "
@@ -379,8 +388,9 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if not os.path.isdir(args.save_root):
         raise UserError(f"--save_root {args.save_root} does not exist")
-    out = ensure_output_dir(args.out or args.save_root, "--out" if args.out else "--save_root")
-    results = load_results(args.save_root)
+    default_out = args.save_root if args.select == "train_acc" else os.path.join(args.save_root, f"select_{args.select}")
+    out = ensure_output_dir(args.out or default_out, "--out" if args.out else "--save_root")
+    results = load_results(args.save_root, args.select)
     classes = the_classes(results)
     minority = args.minority or classes[-1]
     if minority not in classes:
@@ -391,7 +401,7 @@ def main(argv=None):
     if args.paper:
         with open(os.path.join(HERE, "paper_table1.json"), encoding="utf-8") as f:
             paper = json.load(f)[args.paper]
-    md = markdown_table(results, minority, paper)
+    md = markdown_table(results, minority, paper, args.select)
     write_text_atomic(os.path.join(out, "table1.md"), md)
     write_text_atomic(os.path.join(out, "table1.csv"), csv_table(results))
     figure(results, classes, os.path.join(out, "figure3.png"))
@@ -404,7 +414,7 @@ def main(argv=None):
         raise UserError(f"--reference {args.reference}: no such method under {args.save_root} ({' '.join(names)})")
     if reference in names and len(names) > 1:
         rows, notes = compare(results, reference, minority, majority, args.alpha)
-        cmp_md = comparison_markdown(rows, reference, args.alpha, minority, majority, notes)
+        cmp_md = comparison_markdown(rows, reference, args.alpha, minority, majority, notes, args.select)
         write_text_atomic(os.path.join(out, "comparison.md"), cmp_md)
         write_text_atomic(os.path.join(out, "comparison.csv"), comparison_csv(rows))
         comparison_figure(rows, reference, os.path.join(out, "comparison.png"))

@@ -21,7 +21,7 @@ import threading
 import time
 
 import slurm
-from runs import is_complete, planned_settings, setting_differences
+from runs import SELECT_RULES, is_complete, planned_settings, setting_differences
 from losses import PAPER_NAMES, method_flags, parse_method
 from utils import (UserError, available_cpus, command_line, ensure_output_dir, parse_ratio_or_all, ratio_folder_name,
                    run_main)
@@ -60,6 +60,9 @@ def get_args_parser():
     p.add_argument("--eval_precision", choices=("fp32", "bf16"), default="fp32",
                    help="validation.py --precision (default fp32: exact float32; bf16 is faster where native)")
     p.add_argument("--paper", choices=["coarse", "fine"], default=None, help="show the paper's Table 1 beside ours")
+    p.add_argument("--select", nargs="+", default=["train_acc"], choices=SELECT_RULES,
+                   help="rules of model selection to evaluate and report under (validation.py and report.py --select; "
+                   "default the paper's, train_acc); each rule after the first reports into <save_root>/select_<rule>/")
     p.add_argument("--reference", default=None, help="report.py --reference: the method every other one is "
                    "compared with, run by run (default: proposed, when among --variants)")
     g = p.add_argument_group("Slurm")
@@ -378,15 +381,17 @@ def evaluate(args):
     if missing:
         print(f"{len(missing)} planned cell(s) have no finished run (failed, or not run yet), left out of the "
               f"tables:\n" + "\n".join(f"  missing {d}" for d in missing), flush=True)
-    val = ["--model_root", args.save_root, "--test_data_root", args.test_data_root, "--classes", *args.classes,
-           "--precision", args.eval_precision]
-    try:
-        validation.main(val)
-    except SystemExit as e:
-        if e.code:
-            raise UserError(f"validation.py evaluated nothing under {args.save_root}")
-    report.main(["--save_root", args.save_root] + (["--reference", args.reference] if args.reference else [])
-                + (["--paper", args.paper] if args.paper else []))
+    for rule in dict.fromkeys(args.select):
+        val = ["--model_root", args.save_root, "--test_data_root", args.test_data_root, "--classes", *args.classes,
+               "--precision", args.eval_precision, "--select", rule]
+        try:
+            validation.main(val)
+        except SystemExit as e:
+            if e.code:
+                raise UserError(f"validation.py --select {rule} evaluated nothing under {args.save_root}")
+        report.main(["--save_root", args.save_root, "--select", rule]
+                    + (["--reference", args.reference] if args.reference else [])
+                    + (["--paper", args.paper] if args.paper else []))
 
 
 def _on_sigterm(signum, frame):

@@ -187,14 +187,34 @@ def record_provenance(cfg, device, state, threads):
                                               **here, "cwd": os.getcwd()})
 
 
-# ---------------------------------------------------------------- train.log
+# ---------------------------------------------------------------- train.log and model selection
 
-def parse_train_log(path):
-    """Read train.log -> list of (epoch, train_acc) from its well-formed epoch lines.
+# Rules that choose the epoch a run is evaluated at. None looks at the test images.
+#   train_acc           the highest Train Acc in train.log (the paper's rule; ties: the earliest). Train Acc is
+#                       measured on the training stream: 99% majority for a uniform sampler at 1:0.01.
+#   balanced_train_acc  the highest mean of the per-class training accuracies train.log records (ties: the
+#                       earliest): the same measure for every sampler.
+#   last                the last epoch: every method gets its whole schedule (DRW's phase included).
+SELECT_RULES = ("train_acc", "balanced_train_acc", "last")
+# The weight files of a run, each holding the model of one epoch; a rule's epoch is looked up in them.
+WEIGHT_FILES = ("best.pth", "best_balanced.pth", "final.pth", "last.pth")
+PER_CLASS_RE = re.compile(r"acc\[(.+?)\] (\S+)")
+
+
+def balanced_train_acc(per_class):
+    """Mean of the per-class training accuracies as train.log records them (4 decimals; a class not
+    seen in the epoch, None, left out), rounded to ACC_DECIMALS: train.py and the log reader compute
+    it from the same values, so they choose the same epoch."""
+    values = [float(v) for v in per_class if v not in (None, "None")]
+    values = [v for v in values if math.isfinite(v)]
+    return round(sum(values) / len(values), ACC_DECIMALS) if values else float("nan")
+
+
+def parse_epochs(path):
+    """Read train.log -> [(epoch, Train Acc, balanced Train Acc)] from its well-formed epoch lines.
 
     Lines that are cut off, malformed or not valid UTF-8 are ignored (a crash can leave half a line).
-    When an epoch appears twice (a resumed run redid it), the later line wins.
-    """
+    When an epoch appears twice (a resumed run redid it), the later line wins."""
     by_epoch = {}
     with open(path, "rb") as f:
         for raw in f:
@@ -204,8 +224,14 @@ def parse_train_log(path):
                 continue
             acc = float(m.group(3))
             if math.isfinite(acc):
-                by_epoch[int(m.group(1))] = acc
-    return sorted(by_epoch.items())
+                per_class = line.split(" | ")[2]
+                by_epoch[int(m.group(1))] = (acc, balanced_train_acc([v for _, v in PER_CLASS_RE.findall(per_class)]))
+    return [(e, acc, bal) for e, (acc, bal) in sorted(by_epoch.items())]
+
+
+def parse_train_log(path):
+    """-> [(epoch, Train Acc)] of train.log (parse_epochs without the balanced value)."""
+    return [(e, acc) for e, acc, _ in parse_epochs(path)]
 
 
 def best_epoch(epochs):
@@ -218,17 +244,32 @@ def best_epoch(epochs):
     return best
 
 
+def select_epoch(epochs, rule):
+    """[(epoch, Train Acc, balanced Train Acc)] -> (epoch, the value the rule chose it by) under rule
+    (SELECT_RULES); None when there is no epoch."""
+    if not epochs:
+        return None
+    if rule == "last":
+        e = max(epochs)
+        return e[0], e[1]
+    k = 1 if rule == "train_acc" else 2
+    return best_epoch([(e[0], e[k]) for e in epochs if math.isfinite(e[k])])
+
+
 # ---------------------------------------------------------------- loading a trained run
 
 class RunNotReady(Exception):
-    """A run folder whose best model cannot be loaded (yet); the message is the reason."""
+    """A run folder whose selected model cannot be loaded (yet); the message is the reason."""
 
 
-def load_best(run_dir):
-    """The one loader of a trained run (validation.py and predict.py): -> (config, checkpoint, best
-    epoch, its Train Acc). The best epoch is the highest Train Acc in train.log, ties to the earliest
-    (the authors' rule); its weights come from best.pth or last.pth, whichever holds that epoch, loaded
-    with weights_only=True. RunNotReady with the reason otherwise."""
+def load_best(run_dir, rule="train_acc"):
+    """The one loader of a trained run (validation.py and predict.py): -> (config, checkpoint, epoch,
+    the value the rule chose it by). The epoch is chosen from train.log by rule (SELECT_RULES; default
+    the paper's: the highest Train Acc, ties to the earliest); its weights come from whichever of the
+    run's weight files holds that epoch, loaded with weights_only=True. RunNotReady with the reason
+    otherwise."""
+    if rule not in SELECT_RULES:
+        raise UserError(f"--select {rule!r} is not valid; choose one of: {', '.join(SELECT_RULES)}")
     try:
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
@@ -240,21 +281,24 @@ def load_best(run_dir):
     log = os.path.join(run_dir, "train.log")
     if not os.path.isfile(log):
         raise RunNotReady("train.log missing")
-    best = best_epoch(parse_train_log(log))
-    if best is None:
+    chosen = select_epoch(parse_epochs(log), rule)
+    if chosen is None:
         raise RunNotReady("train.log has no complete epoch line")
     reasons = []
-    for name in ("best.pth", "last.pth"):
+    for name in WEIGHT_FILES:
         path = os.path.join(run_dir, name)
         if not os.path.isfile(path):
-            reasons.append(f"{name} missing")
             continue
         try:
             ckpt = load_checkpoint(path)
         except UserError as e:
             reasons.append(str(e))
             continue
-        if ckpt.get("epoch") == best[0]:
-            return cfg, ckpt, best[0], best[1]
+        if ckpt.get("epoch") == chosen[0]:
+            return cfg, ckpt, chosen[0], chosen[1]
         reasons.append(f"{name} holds epoch {ckpt.get('epoch')}")
-    raise RunNotReady(f"train.log's best epoch is {best[0]}, but no checkpoint holds it: {'; '.join(reasons)}")
+    kept = cfg["args"].get("keep_selected", ["train_acc"])
+    hint = (f" (the run kept the weights of {', '.join(kept)} only: train.py --keep_selected)"
+            if rule not in kept else "")
+    raise RunNotReady(f"train.log's epoch under --select {rule} is {chosen[0]}, but no weight file holds it{hint}: "
+                      f"{'; '.join(reasons) or 'no weight file'}")

@@ -23,15 +23,16 @@ import data
 from losses import (AUX_LOSSES, CLASSIFICATION_LOSSES, DEFAULTS, SAMPLERS, Criterion, check_method, method_choices,
                     method_name)
 from model import TAPPABLE, build_model, forward_with_taps, head_of, use_exact_float32
-from runs import (ACC_DECIMALS, absolute_paths, claim_run_dir, is_complete, planned_subset, record_provenance,
-                  run_number, run_settings, set_aside_previous_attempt, set_fingerprint)
+from runs import (ACC_DECIMALS, SELECT_RULES, absolute_paths, balanced_train_acc, claim_run_dir, is_complete,
+                  planned_subset, record_provenance, run_number, run_settings, set_aside_previous_attempt,
+                  set_fingerprint)
 from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, command_line, decoding_workers,
-                   load_checkpoint, parse_ratio_or_all, ratio_folder_name, ratio_text, run_main, signals_deferred,
-                   write_json_atomic)
+                   load_checkpoint, parse_ratio_or_all, ratio_folder_name, ratio_text, run_main, save_checkpoint,
+                   signals_deferred, write_json_atomic)
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
 # flags that --resume accepts: they change how fast a run goes, not its result (see runs.run_settings)
-RESUME_FLAGS = ("device", "num_workers", "threads", "cache", "compile", "channels_last", "keep_last")
+RESUME_FLAGS = ("device", "num_workers", "threads", "cache", "compile", "channels_last", "keep_last", "keep_selected")
 
 
 def get_args_parser():
@@ -118,6 +119,11 @@ def get_args_parser():
                    help="keep last.pth (weights, optimizer and RNG states, 3x the size of best.pth) once the run has "
                    "finished (default); --no-keep_last deletes it then: best.pth holds the evaluated model, and a "
                    "finished run is never resumed")
+    g.add_argument("--keep_selected", nargs="+", default=list(SELECT_RULES), choices=SELECT_RULES,
+                   help="the rules of model selection whose epoch's weights the run keeps, for validation.py --select "
+                   "(default: all three): train_acc (best.pth, the paper's rule, always kept), balanced_train_acc "
+                   "(best_balanced.pth) and last (last.pth, or final.pth, weights only, with --no-keep_last); a file "
+                   "whose epoch another one already holds is not kept twice")
     g = p.add_argument_group("runs")
     g.add_argument("--strict", action="store_true", help="refuse to train when an image file is broken "
                    "(default: skip it with a warning)")
@@ -428,11 +434,13 @@ def train_run(run_dir, cfg, state, threads, epoch_done):
     if device.type == "cuda" and a["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(a["optimizer"], model.parameters(), a["lr"])
-    start, best = 1, (None, -1.0)
+    start, best = 1, {"train_acc": (None, -1.0), "balanced_train_acc": (None, -1.0)}
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start, best = state["epoch"] + 1, (state["best_epoch"], state["best_train_acc"])
+        start = state["epoch"] + 1
+        best = {"train_acc": (state["best_epoch"], state["best_train_acc"]),
+                "balanced_train_acc": tuple(state.get("best_balanced", (None, -1.0)))}
         append_line(os.path.join(run_dir, "train.log"), f"Resumed from last.pth at epoch {state['epoch']}")
     criterion = Criterion(a, [cfg["counts"][c]["used"] for c in a["classes"]], device)
     net = Tapped(model, a["contrastive_layers"] if criterion.aux != "none" else ())
@@ -440,19 +448,39 @@ def train_run(run_dir, cfg, state, threads, epoch_done):
     loader, batches = make_loader(dataset, labels, cfg, device)
     best = train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches, device, start, best,
                         epoch_done)
-    summary = {"best_epoch": best[0], "best_train_acc": best[1], "epochs": a["num_epochs"]}
-    append_line(os.path.join(run_dir, "train.log"), f"Finished: best epoch {best[0]} (Train Acc {best[1]:.{ACC_DECIMALS}f})")
+    (epoch, acc), n = best["train_acc"], a["num_epochs"]
+    selected = {"train_acc": epoch, "balanced_train_acc": best["balanced_train_acc"][0], "last": n}
+    keep_selected_weights(run_dir, model, cfg, selected)
+    summary = {"best_epoch": epoch, "best_train_acc": acc, "epochs": n, "selected": selected}
+    append_line(os.path.join(run_dir, "train.log"), f"Finished: best epoch {epoch} (Train Acc {acc:.{ACC_DECIMALS}f})")
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     if not a.get("keep_last", True):
         os.remove(os.path.join(run_dir, "last.pth"))    # after summary.json: the run is complete without it
-    print(f"finished {run_dir}: best epoch {best[0]}, Train Acc {best[1]:.{ACC_DECIMALS}f}", file=sys.stderr)
+    print(f"finished {run_dir}: best epoch {epoch}, Train Acc {acc:.{ACC_DECIMALS}f}", file=sys.stderr)
     return run_dir
+
+
+def keep_selected_weights(run_dir, model, cfg, selected):
+    """Once the last epoch is recorded: best_balanced.pth is removed when best.pth holds its epoch (or
+    it is not to be kept); with --no-keep_last and 'last' kept, the last epoch's weights go to final.pth
+    unless best.pth or best_balanced.pth holds that epoch already."""
+    a = cfg["args"]
+    keep = a.get("keep_selected", SELECT_RULES)
+    balanced = os.path.join(run_dir, "best_balanced.pth")
+    if os.path.isfile(balanced) and (selected["balanced_train_acc"] == selected["train_acc"]
+                                     or "balanced_train_acc" not in keep):
+        os.remove(balanced)
+    held = {selected["train_acc"]} | ({selected["balanced_train_acc"]} if os.path.isfile(balanced) else set())
+    if "last" in keep and not a.get("keep_last", True) and selected["last"] not in held:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        save_checkpoint(os.path.join(run_dir, "final.pth"), {"model": weights, "epoch": selected["last"],
+                                                              "config": cfg})
 
 
 def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches, device, start, best, epoch_done):
     """Epochs start..num_epochs, each recorded (checkpoints, train.log, metrics.jsonl) as a whole.
     An interrupt exits with 130; a refused write or a non-finite loss stops with a UserError; both say
-    which epoch last.pth holds and how to continue. -> (best epoch, its Train Acc)."""
+    which epoch last.pth holds and how to continue. -> {rule: (best epoch, its value)}."""
     a, log = cfg["args"], os.path.join(run_dir, "train.log")
     done, saver = start - 1, BackgroundSaver()   # done: the last epoch whose checkpoint and log lines are recorded
     try:
@@ -496,15 +524,22 @@ def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches
 
 
 def save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg):
-    """best.pth when Train Acc is strictly higher than before (ties keep the earlier epoch); last.pth
-    always. Both hold tensors and plain types only and load with torch.load(weights_only=True).
+    """best.pth when Train Acc is strictly higher than before (ties keep the earlier epoch);
+    best_balanced.pth likewise for the balanced Train Acc (when kept, --keep_selected); last.pth
+    always. All hold tensors and plain types only and load with torch.load(weights_only=True).
     They are snapshots (copies), written by the background saver while the next epoch trains."""
     weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    jobs = []
-    if m["train_acc"] > best[1]:
-        best = (epoch, m["train_acc"])
+    jobs, best = [], dict(best)
+    if m["train_acc"] > best["train_acc"][1]:
+        best["train_acc"] = (epoch, m["train_acc"])
         jobs.append((os.path.join(run_dir, "best.pth"),
                      {"model": weights, "epoch": epoch, "train_acc": m["train_acc"], "config": cfg}))
+    balanced = balanced_train_acc(m["per_class_acc"].values())
+    if balanced > best["balanced_train_acc"][1]:
+        best["balanced_train_acc"] = (epoch, balanced)
+        if "balanced_train_acc" in cfg["args"].get("keep_selected", SELECT_RULES):
+            jobs.append((os.path.join(run_dir, "best_balanced.pth"),
+                         {"model": weights, "epoch": epoch, "balanced_train_acc": balanced, "config": cfg}))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -514,7 +549,8 @@ def save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg):
                  "param_groups": copy.deepcopy(sd["param_groups"])}
     jobs.append((os.path.join(run_dir, "last.pth"),
                  {"model": weights, "optimizer": opt_state, "epoch": epoch, "train_acc": m["train_acc"],
-                  "best_epoch": best[0], "best_train_acc": best[1], "rng": rng, "config": cfg}))
+                  "best_epoch": best["train_acc"][0], "best_train_acc": best["train_acc"][1],
+                  "best_balanced": list(best["balanced_train_acc"]), "rng": rng, "config": cfg}))
     saver.save(jobs, tag=epoch)
     return best
 

@@ -3,8 +3,10 @@
     python3 validation.py --model_root ./saved_runs/baseline --test_data_root ./dataset/valid \
         --classes water-deer roe-deer
 
-Each run's best model is the epoch with the highest 'Train Acc' in its train.log (ties: the earliest).
-Writes <model_root>/result_log.txt (for people) and results.json (for programs, read by report.py);
+Each run's best model is the epoch with the highest 'Train Acc' in its train.log (ties: the earliest),
+the paper's rule; --select balanced_train_acc or last evaluates the epoch another rule chooses (no rule
+looks at the test images). Writes <model_root>/result_log.txt (for people) and results.json (for
+programs, read by report.py), or result_log_<rule>.txt and results_<rule>.json under another rule;
 with a saved_runs root, also one pair per variant folder. Test images are decoded once per image size
 and shared by every run.
 """
@@ -19,8 +21,8 @@ import torch
 import data
 from model import build_model, confusion_matrix, head_of, metrics_from_confusion, use_exact_float32
 from train import resolve_device
-from runs import (CELL_EXCLUDES, RUN_DIR_RE, RunNotReady, fingerprint, is_complete, load_best, run_number,
-                  run_settings, setting_differences)
+from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, RunNotReady, fingerprint, is_complete, load_best,
+                  parse_train_log, run_number, run_settings, setting_differences)
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, run_main, write_json_atomic,
                    write_text_atomic)
 
@@ -38,6 +40,10 @@ def get_args_parser():
                    help="fp32 (default): exact float32 (TF32 off on CUDA), the same predictions on every "
                         "machine up to its float32 kernels; bf16: bf16 autocast, faster where the hardware runs "
                         "bf16 (CUDA, CPUs with AMX), and moves logits by about 1e-2")
+    p.add_argument("--select", default="train_acc", choices=SELECT_RULES,
+                   help="the epoch each run is evaluated at: train_acc (default; the paper's rule, the highest Train "
+                   "Acc), balanced_train_acc (the highest mean of the per-class training accuracies) or last (the "
+                   "last epoch); results of another rule than train_acc go to results_<rule>.json")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any run was skipped")
     return p
 
@@ -79,7 +85,7 @@ def list_runs(variant_dir):
     return sorted(runs, key=lambda t: (t[0], run_number(t[1])))
 
 
-def inspect_run(run_dir, classes=None):
+def inspect_run(run_dir, classes=None, select="train_acc"):
     """-> (config, checkpoint dict, best epoch, best Train Acc); Skip with the reason otherwise.
     A --classes list that disagrees with the run's is a UserError, not a skip."""
     try:
@@ -89,7 +95,7 @@ def inspect_run(run_dir, classes=None):
         raise Skip(f"config.json missing or unreadable ({type(e).__name__})")
     check_classes(classes, cfg, run_dir)
     try:
-        return load_best(run_dir)
+        return load_best(run_dir, select)
     except RunNotReady as e:
         raise Skip(str(e))
 
@@ -212,7 +218,7 @@ def evaluate_variant(variant_dir, args, tests, models):
     ratios, skipped = {}, []
     for ratio_name, run_dir in list_runs(variant_dir):
         try:
-            cfg, ckpt, epoch, acc = inspect_run(run_dir, args.classes)
+            cfg, ckpt, epoch, _ = inspect_run(run_dir, args.classes, args.select)
         except Skip as e:
             skipped.append({"run_dir": run_dir, "reason": str(e)})
             print(f"skipped {run_dir}: {e}", file=sys.stderr)
@@ -220,7 +226,7 @@ def evaluate_variant(variant_dir, args, tests, models):
         metrics = evaluate_run(cfg, ckpt, tests, models, args.batch_size, args.precision)
         ratio = cfg["observed_ratio"] if cfg["ratio"] == "all" else cfg["ratio"]   # 'all': what the folder held
         entry = ratios.setdefault(ratio_name, {"ratio": ratio, "classes": cfg["classes"], "runs": []})
-        entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": acc,
+        entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": ckpt.get("train_acc", acc_at(run_dir, epoch)),
                               "img_size": cfg["args"]["img_size"], "fingerprint": cfg.get("fingerprint"),
                               "settings": cell_settings(cfg), "metrics": metrics})
         print(f"evaluated {run_dir} (epoch {epoch}): " + " ".join(
@@ -254,17 +260,33 @@ def format_table(variants):
     return "\n".join(lines)
 
 
+def results_name(select, stem="results", ext=".json"):
+    """results.json (result_log.txt) under the paper's rule, results_<rule>.json under another."""
+    return f"{stem}{ext}" if select == "train_acc" else f"{stem}_{select}{ext}"
+
+
+def acc_at(run_dir, epoch):
+    """Train Acc of an epoch, from train.log."""
+    return dict(parse_train_log(os.path.join(run_dir, "train.log"))).get(epoch)
+
+
+SELECT_TEXT = {"train_acc": "the highest Train Acc (the paper's rule)",
+               "balanced_train_acc": "the highest balanced Train Acc (mean of the per-class training accuracies)",
+               "last": "the last epoch"}
+
+
 def write_outputs(folder, variants, skipped, args):
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     result = {"created": stamp, "model_root": os.path.abspath(folder),
               "test_data_root": os.path.abspath(args.test_data_root), "precision": args.precision,
-              "variants": variants, "skipped": skipped}
+              "select": args.select, "variants": variants, "skipped": skipped}
     text = [f"# validation.py, {stamp}", f"# test data: {os.path.abspath(args.test_data_root)}",
             f"# precision: {PRECISION_TEXT[args.precision]}",
-            "# per ratio: mean ± sample std over runs of each run's best-Train-Acc checkpoint", format_table(variants)]
+            f"# model selection (--select {args.select}): each run at the epoch of {SELECT_TEXT[args.select]}",
+            "# per ratio: mean ± sample std over runs", format_table(variants)]
     text += [f"skipped {s['run_dir']}: {s['reason']}" for s in skipped]
-    write_json_atomic(os.path.join(folder, "results.json"), result)
-    write_text_atomic(os.path.join(folder, "result_log.txt"), "\n".join(text) + "\n")
+    write_json_atomic(os.path.join(folder, results_name(args.select)), result)
+    write_text_atomic(os.path.join(folder, results_name(args.select, "result_log", ".txt")), "\n".join(text) + "\n")
 
 
 def main(argv=None):
@@ -294,7 +316,7 @@ def main(argv=None):
         print(f"skipped {s['run_dir']}: {s['reason']}")
     n = sum(len(e["runs"]) for r in all_variants.values() for e in r.values())
     print(f"{n} run(s) evaluated, {len(all_skipped)} skipped; results in "
-          f"{os.path.join(args.model_root, 'result_log.txt')}")
+          f"{os.path.join(args.model_root, results_name(args.select, 'result_log', '.txt'))}")
     if n == 0 or (args.strict and all_skipped):
         sys.exit(1)
 

@@ -169,7 +169,7 @@ def test_epoch_done_is_called_after_each_epoch_before_its_checkpoint(image_data,
 
 def test_no_keep_last_leaves_best_pth_only_and_the_run_still_evaluates(image_data, tmp_path):
     from runs import load_best
-    run = run_train(image_data["train"], tmp_path, "--num_epochs", "2", "--no-keep_last")
+    run = run_train(image_data["train"], tmp_path, "--num_epochs", "2", "--no-keep_last", "--keep_selected", "train_acc")
     assert sorted(f for f in os.listdir(run) if f.endswith(".pth")) == ["best.pth"]
     cfg, ckpt, epoch, _ = load_best(run)
     assert ckpt["epoch"] == epoch and cfg["args"]["keep_last"] is False
