@@ -47,7 +47,7 @@ REGIMES = {
     # balanced accuracy of the paper's T = 0 in regime 1)
     "pretrained": {"conditions": ["fine"], "methods": ["baseline", "contrastive", "oversampling", "proposed", "la",
                                                        "ldam_drw", "cb", "sqrt", "oversample+supcon"],
-                   "ratios": ["0.1", "0.01", "0.005"], "num_epochs": 8, "weights": "backbone",
+                   "ratios": ["0.1", "0.01", "0.005"], "num_epochs": 20, "weights": "backbone",
                    "save_root": "study_runs_pretrained"},
 }
 PROBE_METHODS = ("ldam_drw", "proposed", "la")     # the slowest to converge: DRW's late phase, the auxiliary term
@@ -68,7 +68,7 @@ def get_args_parser():
                    "sign-flip test's smallest p is 2 / 2^n, 0.002 for 10, which can pass Holm's correction over the "
                    "20 cells of a table; 8 pairs (0.008) could not)")
     p.add_argument("--num_epochs", type=int, default=None, help="epochs per run (scratch: 3, the demo's; pretrained: "
-                   "8, chosen by --probe; paper: 100)")
+                   "20, from --probe 20: README, The study; paper: 100)")
     p.add_argument("--max_per_class", type=int, default=600, help="majority images (the demo's; paper: 10,000)")
     p.add_argument("--img_size", type=int, default=32, help="image size (the demo's; paper: 224)")
     p.add_argument("--save_root", default=None, help="<save_root>/<condition>/... (default: study_runs/ or "
