@@ -97,7 +97,7 @@ def parse(argv):
     for r in args.ratios:
         parse_ratio_or_all(ratio_string(r, args.classes), args.classes)
     import train
-    _, unknown = train.get_args_parser().parse_known_args(passthrough)
+    args.cell, unknown = train.get_args_parser().parse_known_args(passthrough)   # train.py's flags, as it reads them
     if unknown:
         raise UserError(f"{' '.join(unknown)}: neither a reproduce.py flag nor a train.py flag (flags are spelt in "
                         f"full); see python3 reproduce.py --help and python3 train.py --help")
@@ -149,28 +149,18 @@ def mismatch(args, passthrough, cell, run_dir):
     return "; ".join(f"{d} (recorded vs planned)" for d in diff) or None
 
 
-def flag_value(argv, flag):
-    """The value of flag in a command line (--flag V or --flag=V), or None."""
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def on_cpu(args, passthrough):
+def on_cpu(args):
     """Whether the cells train on the CPU: no --gpus, and train.py's --device cpu, or auto without CUDA."""
     if args.gpus:
         return False
-    device = flag_value(passthrough, "--device") or "auto"
+    device = args.cell.device
     if device != "auto":
         return device == "cpu"
     import torch
     return not torch.cuda.is_available()
 
 
-def side_by_side(args, passthrough, cpus=None):
+def side_by_side(args, cpus=None):
     """-> (cells at once, torch threads of each cell or None for torch's default). On a CPU, jobs x
     threads never exceeds the CPUs this process may use (os.sched_getaffinity): more would make every
     cell spin on every core, several times slower than one at a time."""
@@ -179,8 +169,8 @@ def side_by_side(args, passthrough, cpus=None):
         n = len(args.gpus.split(",")) * args.jobs_per_gpu
         return n, args.threads or (max(1, cpus // n) if n > 1 else None)
     if args.task_id is not None:
-        return 1, args.threads or (cpus if on_cpu(args, passthrough) else None)
-    if not on_cpu(args, passthrough):
+        return 1, args.threads or (cpus if on_cpu(args) else None)
+    if not on_cpu(args):
         return args.jobs or 1, args.threads
     jobs, threads = args.jobs, args.threads
     if jobs is None and threads is None:
@@ -196,12 +186,12 @@ def side_by_side(args, passthrough, cpus=None):
     return jobs, threads
 
 
-def machine_flags(args, passthrough, jobs, threads):
+def machine_flags(args, jobs, threads):
     """train.py flags that place a cell on the machine: its threads and, for cells side by side on a CPU,
     decoding and augmentation in the cell's own process (--num_workers 0, unless given), so that no
     worker process takes a core another cell counts on."""
     flags = ["--threads", str(threads)] if threads else []
-    if jobs > 1 and on_cpu(args, passthrough) and flag_value(passthrough, "--num_workers") is None:
+    if jobs > 1 and on_cpu(args) and args.cell.num_workers is None:
         flags += ["--num_workers", "0"]
     return flags
 
@@ -212,7 +202,7 @@ def plan(args, passthrough):
         if not 0 <= args.task_id < len(cells):
             raise UserError(f"--task_id {args.task_id}: the grid has cells 0..{len(cells) - 1}")
         cells = [cells[args.task_id]]
-    extra = machine_flags(args, passthrough, *side_by_side(args, passthrough))
+    extra = machine_flags(args, *side_by_side(args))
     todo, done, unlike = [], 0, []
     for cell in cells:
         run_dir, cmd = cell_command(args, passthrough, cell)
@@ -251,13 +241,12 @@ def run_in_process(cmd):
         return e.code if isinstance(e.code, int) else 1
 
 
-def run_subprocess(cmd, gpu, log_path):
+def run_subprocess(cmd, gpu, log_path, threads=None):
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    threads = flag_value(cmd, "--threads")
     if threads:                     # native libraries' pools too, from the interpreter's start
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log_path, "ab") as log:
         return subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:]], env=env,
                               stdout=log, stderr=subprocess.STDOUT).returncode
@@ -291,13 +280,12 @@ def cpu_slot():
     return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
 
 
-def train_all(args, passthrough, todo):
+def train_all(args, todo, jobs, threads):
     """Run the planned cells: one at a time in this process, or side by side (--jobs on a CPU: a worker
     process per slot; --gpus: a train.py process per cell, pinned to its GPU), each cell's output in
     <save_root>/reproduce_logs/. -> failed cells."""
     slots = queue.Queue()
     gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else [None]
-    jobs, _ = side_by_side(args, passthrough)
     parallel = (args.jobs_per_gpu if args.gpus else jobs) * len(gpus) > 1
     for g in gpus:
         for _ in range(args.jobs_per_gpu if args.gpus else jobs):
@@ -318,7 +306,7 @@ def train_all(args, passthrough, todo):
             elif isinstance(slot, cf.Executor):
                 rc = slot.submit(run_logged, cmd, log).result()
             else:
-                rc = run_subprocess(cmd, slot, log)
+                rc = run_subprocess(cmd, slot, log, threads)
         finally:
             slots.put(slot)
         with lock:
@@ -363,10 +351,10 @@ def main(argv=None):
         print(f"# {len(todo)} train.py command(s) to run, {done} cell(s) already complete", file=sys.stderr)
         return
     ensure_output_dir(args.save_root, "--save_root")
-    jobs, threads = side_by_side(args, passthrough)
+    jobs, threads = side_by_side(args)
     print(f"{len(todo)} run(s) to train, {done} already complete, under {args.save_root}; {jobs} at once"
           + (f", {threads} thread(s) each" if threads else ""), flush=True)
-    failed = train_all(args, passthrough, todo) if todo else []
+    failed = train_all(args, todo, jobs, threads) if todo else []
     if args.task_id is None and args.test_data_root:
         evaluate(args)
     if failed:

@@ -14,8 +14,8 @@ CLASSES = ["water-deer", "roe-deer"]
 
 def resolved(argv, cpus, monkeypatch, cuda=False):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    args, passthrough = reproduce.parse(["--train_data_root", "D", "--classes", *CLASSES, *argv])
-    return reproduce.side_by_side(args, passthrough, cpus=cpus)
+    args, _ = reproduce.parse(["--train_data_root", "D", "--classes", *CLASSES, *argv])
+    return reproduce.side_by_side(args, cpus=cpus)
 
 
 def test_jobs_times_threads_never_exceeds_the_cpus(monkeypatch):
