@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
@@ -142,8 +142,10 @@ def _to_rgb(im):
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def load_image(path, size):
-    """Decode path -> uint8 array (size, size, 3); BadImage if it is not a usable image."""
+def load_image(path, size, box=None):
+    """Decode path -> uint8 array (size, size, 3); BadImage if it is not a usable image. box: a
+    detector's normalised [x, y, width, height] (MegaDetector's bbox): the image is first turned
+    upright by its EXIF orientation, as the detector saw it, and cut to crop_box() of it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -151,7 +153,12 @@ def load_image(path, size):
                 if im.width * im.height > MAX_PIXELS:
                     raise BadImage(f"{im.width}x{im.height} pixels is over the {MAX_PIXELS} limit")
                 im.load()
-                rgb = _to_rgb(im).resize((size, size), Image.BILINEAR)
+                if box is not None:
+                    rgb = _to_rgb(ImageOps.exif_transpose(im))
+                    rgb = rgb.crop(crop_box(rgb.width, rgb.height, box))
+                else:
+                    rgb = _to_rgb(im)
+                rgb = rgb.resize((size, size), Image.BILINEAR)
                 return np.array(rgb, dtype=np.uint8)  # a writable copy
     except BadImage:
         raise
@@ -160,7 +167,31 @@ def load_image(path, size):
         raise BadImage(f"{type(e).__name__}: {e}")
 
 
+CROP_MARGIN = 0.1   # of the box's longer side, added on every side
+
+
+def crop_box(width, height, box, margin=CROP_MARGIN):
+    """The pixel rectangle (left, top, right, bottom) that a detection's normalised box [x, y, w, h]
+    becomes: a square of side (1 + 2 margin) x the box's longer side, centred on the box (so that the
+    resize to the model's square input does not stretch the animal), moved inside the image where it
+    sticks out, and cut to the image only where it is larger than the image (such a crop is stretched
+    like a whole image). At least 1 pixel each way."""
+    x, y, w, h = (float(v) for v in box)
+    side = max(w * width, h * height) * (1 + 2 * margin)
+    cx, cy = (x + w / 2) * width, (y + h / 2) * height
+    out = []
+    for centre, extent in ((cx, width), (cy, height)):
+        s = min(side, extent)
+        lo = min(max(centre - s / 2, 0.0), extent - s)
+        a = int(round(lo))
+        b = max(a + 1, min(extent, int(round(lo + s))))
+        out.append((min(a, extent - 1), b))
+    (left, right), (top, bottom) = out
+    return left, top, right, bottom
+
+
 class _Decode(Dataset):
+    """Items are paths, or (path, box) for a detector's crop of the image."""
     def __init__(self, paths, size):
         self.paths, self.size = paths, size
 
@@ -168,8 +199,10 @@ class _Decode(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
+        item = self.paths[i]
+        path, box = (item, None) if isinstance(item, str) else item
         try:
-            return i, load_image(self.paths[i], self.size), None
+            return i, load_image(path, self.size, box), None
         except BadImage as e:
             return i, None, str(e)
 
@@ -182,7 +215,7 @@ def _as_list(items):
 
 
 def decode_batches(paths, size, batch_size=64, num_workers=0, mp_context=None):
-    """Decode paths in order, in parallel workers -> batches of [(index, uint8 array (S, S, 3) or None,
+    """Decode paths (or (path, box) crops, see load_image) in order, in parallel workers -> batches of [(index, uint8 array (S, S, 3) or None,
     reason it is not an image or None)]: the one decoding of training, evaluation and prediction."""
     return DataLoader(_Decode(paths, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
                       multiprocessing_context=mp_context if num_workers else None)

@@ -8,6 +8,12 @@ training and evaluation. --out gets one CSV row per image (path, predicted class
 every class, status) as they are computed, and a JSON file beside it; running the same command again
 continues where it stopped. --threshold CLASS=P, or --calibrate on a labelled folder for a recall
 target, sets the decision rule for a rare class; --sort_into copies (hard-links) images by class.
+
+With --detections (MegaDetector's batch-output JSON for the --images folder) each animal detection at
+or above --min_conf is classified as a crop of its photo, one row per detection; a photo without one
+gets one row with the status empty, person or vehicle (or the detector's failure) and no class.
+--html writes a review page: the counts, and the rare class's candidates as thumbnails sorted by its
+probability, with the line where the decision rule falls.
 """
 import csv
 import filecmp
@@ -25,9 +31,10 @@ import torch
 import torchvision
 from tqdm import tqdm
 
+import camtrap
 import data
 from model import build_trained, use_exact_float32
-from runs import RunNotReady, load_best
+from runs import RunNotReady, file_sha256, load_best
 from train import resolve_device
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, load_checkpoint, run_main,
                    write_json_atomic)
@@ -49,7 +56,15 @@ def get_args_parser():
     p.add_argument("--target_recall", type=float, default=0.95, help="recall target of --calibrate (0.95)")
     p.add_argument("--rare", help="the class --calibrate sets a threshold for")
     p.add_argument("--sort_into", metavar="DIR", help="hard-link (or copy) each readable image into "
-                   "DIR/<predicted class>/; originals are never moved or changed")
+                   "DIR/<predicted class>/ (with --detections: into the folder of each class predicted for "
+                   "one of its animals, or DIR/empty, person, vehicle); originals are never moved or changed")
+    p.add_argument("--detections", metavar="FILE", help="MegaDetector's batch-output JSON for --images (a folder, "
+                   "which its 'file' paths are relative to): classify each animal detection as a crop")
+    p.add_argument("--min_conf", type=float, default=camtrap.MIN_CONF, help="with --detections: the smallest "
+                   "detection confidence kept (MegaDetector v5's typical threshold; 0.05 is its conservative one)")
+    p.add_argument("--html", metavar="FILE", help="a review page: counts per class, and the candidates of the "
+                   "rare class (--rare, or the class of --threshold) as thumbnails sorted by its probability "
+                   "(thumbnails in FILE's name + _thumbs/)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass (256)")
     p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: min(8, CPUs))")
@@ -114,8 +129,9 @@ def probabilities(models, pixels, device, batch_size, precision):
 
 
 def predict_paths(paths, models, device, args, workers, progress=None):
-    """Yield (path, probabilities (K,) or None, status) for paths in order, CHUNK at a time. Each image
-    size the models need is decoded by one stream of parallel workers for the whole job."""
+    """Yield (item, probabilities (K,) or None, status) for items (paths, or (path, box) crops) in order,
+    CHUNK at a time. Each image size the models need is decoded by one stream of parallel workers for
+    the whole job."""
     sizes = sorted({m[3] for m in models})
     streams = {s: iter(data.decode_batches(paths, s, batch_size=CHUNK, num_workers=workers)) for s in sizes}
     for start in range(0, len(paths), CHUNK):
@@ -234,9 +250,46 @@ def list_inputs(spec):
     raise UserError(f"--images {spec}: neither a folder nor a text file of paths")
 
 
+def plan_rows(paths, args):
+    """The rows to write, in order: [(key, item to classify or None, fixed cells)]. Without
+    --detections one per image (key: the path). With, one per animal detection at or above --min_conf
+    (key: path and detection index; item: (path, box)), and one per other image with its status: empty,
+    person, vehicle, the detector's failure, 'not in --detections' for an image of the folder the file
+    does not name, 'missing' for a file it names that is not in the folder."""
+    if not args.detections:
+        return [((p, ""), p, {}) for p in paths]
+    if not os.path.isdir(args.images):
+        raise UserError(f"--detections needs --images to be the folder the detector ran on (its 'file' paths are "
+                        f"relative to it); {args.images} is not a folder")
+    records = camtrap.read_detections(args.detections)
+    on_disk = {camtrap.relative_key(p, args.images): p for p in paths}
+    planned = []
+    for key in sorted(set(records) | set(on_disk)):
+        path = on_disk.get(key) or camtrap.resolve_file(key, args.images)
+        record = records.get(key)
+        if record is None:
+            planned.append(((path, ""), None, {"status": "not in --detections"}))
+            continue
+        if key not in on_disk and not os.path.isfile(path):
+            planned.append(((path, ""), None, {"status": "missing: not in --images"}))
+            continue
+        animals, status = camtrap.image_status(record, args.min_conf)
+        if not animals:
+            planned.append(((path, ""), None, {"status": status}))
+        for k, conf, bbox in animals:
+            planned.append(((path, str(k)), (path, bbox), {"detection": str(k), "bbox": json.dumps(bbox),
+                                                           "detection_conf": f"{conf:.4f}"}))
+    return planned
+
+
+def row_key(row):
+    return row["path"], row.get("detection", "")
+
+
 def done_paths(out, header):
-    """Paths already in the CSV (an earlier, interrupted run of the same command). A last line cut off
-    by the interruption is removed first, so that no row is ever written twice."""
+    """Keys (path, detection) of the rows already in the CSV (an earlier, interrupted run of the same
+    command). A last line cut off by the interruption is removed first, so that no row is ever
+    written twice."""
     if not os.path.isfile(out):
         return set()
     with open(out, "rb+") as f:
@@ -248,7 +301,7 @@ def done_paths(out, header):
         if reader.fieldnames and reader.fieldnames != header:
             raise UserError(f"--out {out} holds predictions with other columns ({', '.join(reader.fieldnames)}); "
                             f"give a new --out for these runs")
-        return {row["path"] for row in reader}
+        return {row_key(row) for row in reader}
 
 
 def sort_into(folder, path, label):
@@ -293,16 +346,25 @@ def main(argv=None):
         print(f"calibrated on {args.calibrate}: P({args.rare}) >= {calibration['threshold']:.4f} gives recall "
               f"{calibration['recall']:.3f} (target {args.target_recall}) at precision {calibration['precision']:.3f}; "
               f"figure: {calibration['figure']}")
+    if args.detections:
+        camtrap.check_min_conf(args.min_conf)
+    rare = args.rare or (threshold[0] if threshold else None)
+    if args.html and rare not in classes:
+        raise UserError(f"--html needs the rare class whose candidates it shows: give --rare CLASS (one of "
+                        f"{', '.join(classes)}) or --threshold CLASS=P")
+    planned = plan_rows(paths, args)
     rule = decision_rule(args, models, threshold, calibration)
-    header = ["path", "predicted", *(f"prob[{c}]" for c in classes), "status"]
+    extra = ["detection", "bbox", "detection_conf"] if args.detections else []
+    header = ["path", *extra, "predicted", *(f"prob[{c}]" for c in classes), "status"]
     meta_path = os.path.splitext(args.out)[0] + ".json"
     done = done_paths(args.out, header)
     if done:
         check_same_rule(args.out, meta_path, rule, len(done))
-    todo = [p for p in paths if p not in done]
+    todo = [row for row in planned if row[0] not in done]
     new_file = not os.path.isfile(args.out) or os.path.getsize(args.out) == 0
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "csv": os.path.abspath(args.out), "classes": classes,
             **rule, "calibration": calibration, "images": os.path.abspath(args.images),
+            "detections_file": os.path.abspath(args.detections) if args.detections else None,
             "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
     if not done:
         write_json_atomic(meta_path, {**meta, "finished": False})    # the rule is on disk before any row
@@ -311,15 +373,35 @@ def main(argv=None):
         writer = csv.writer(f)
         if new_file:
             writer.writerow(header)
-        for path, probs, status in predict_paths(todo, models, device, args, workers, bar):
+        for (path, _), probs, cells in classified(todo, models, device, args, workers, bar):
             label = decide(probs, classes, threshold) if probs is not None else ""
-            if args.sort_into and probs is not None:      # before its row: a row in the CSV means it is sorted
-                sort_into(args.sort_into, path, label)
-            writer.writerow([path, label, *(f"{v:.6f}" for v in (probs if probs is not None else [])),
-                             *([""] * len(classes) if probs is None else []), status])
+            if args.sort_into and (probs is not None or cells["status"] in ("empty", *camtrap.NON_ANIMAL)):
+                sort_into(args.sort_into, path, label or cells["status"])   # before its row: a row means sorted
+            writer.writerow([path, *(cells.get(c, "") for c in extra), label,
+                             *(f"{v:.6f}" for v in (probs if probs is not None else [])),
+                             *([""] * len(classes) if probs is None else []), cells["status"]])
             f.flush()
-    write_json_atomic(meta_path, {**meta, "finished": True})
-    summarise(args.out, classes, len(done))
+    counts = summarise(args.out, classes, len(done))
+    if args.html:
+        shown = camtrap.review_page(args.out, args.html, classes, rare, threshold[1] if threshold and
+                                    threshold[0] == rare else None)
+        counts["html"] = os.path.abspath(args.html)
+        print(f"review page: {args.html} ({shown['candidates']} candidate(s) for {rare})")
+    write_json_atomic(meta_path, {**meta, "finished": True, "counts": counts})
+
+
+def classified(todo, models, device, args, workers, progress):
+    """Yield (key, probabilities or None, cells) for the planned rows in order: rows with an item to
+    classify through predict_paths, the others with their fixed status."""
+    items = [item for _, item, _ in todo if item is not None]
+    stream = predict_paths(items, models, device, args, workers)
+    for key, item, cells in todo:
+        if item is None:
+            yield key, None, cells
+        else:
+            _, probs, status = next(stream)
+            yield key, probs, {**cells, "status": status}
+        progress.update(1)
 
 
 def decision_rule(args, models, threshold, calibration):
@@ -330,7 +412,9 @@ def decision_rule(args, models, threshold, calibration):
             "threshold": {"class": threshold[0], "p": threshold[1]} if threshold else None,
             "calibration_rule": ({"folder": calibration["folder"], "rare": calibration["class"],
                              "target_recall": calibration["target_recall"]} if calibration else None),
-            "precision": args.precision}
+            "precision": args.precision,
+            "detections": ({"sha256": file_sha256(args.detections), "min_conf": args.min_conf}
+                           if args.detections else None)}
 
 
 def check_same_rule(out, meta_path, rule, n_done):
@@ -339,7 +423,8 @@ def check_same_rule(out, meta_path, rule, n_done):
     try:
         with open(meta_path, encoding="utf-8") as f:
             recorded = json.load(f)
-        recorded = {k: recorded[k] for k in ("models", "threshold", "calibration_rule", "precision")}
+        recorded = {k: recorded.get(k) if k == "detections" else recorded[k]
+                    for k in ("models", "threshold", "calibration_rule", "precision", "detections")}
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"--out {out} already holds {n_done} prediction(s), but {meta_path} does not record the "
                         f"models, threshold and precision that made them, so they cannot be continued under this "
@@ -361,14 +446,25 @@ def rule_differences(a, b, prefix=""):
 
 
 def summarise(out, classes, resumed):
+    """Print and return the CSV's counts: rows, per predicted class, and per status of the rows
+    without a class (empty, person, vehicle, failure, unreadable, ...)."""
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     counts = {c: sum(r["predicted"] == c for r in rows) for c in classes}
-    unreadable = [r for r in rows if r["status"] != "ok"]
-    print(f"{len(rows)} image(s) in {out}" + (f" ({resumed} from an earlier run)" if resumed else "") + ": "
-          + ", ".join(f"{c} {n}" for c, n in counts.items()) + f"; {len(unreadable)} could not be read")
-    for r in unreadable[:20]:
+    status = {}
+    for r in rows:
+        if r["status"] != "ok":
+            kind = r["status"].split(":", 1)[0]
+            status[kind] = status.get(kind, 0) + 1
+    what = "row(s) (detections and images)" if rows and "detection" in rows[0] else "image(s)"
+    print(f"{len(rows)} {what} in {out}" + (f" ({resumed} from an earlier run)" if resumed else "") + ": "
+          + ", ".join(f"{c} {n}" for c, n in counts.items())
+          + f"; {status.get('unreadable', 0)} could not be read"
+          + "".join(f"; {k} {n}" for k, n in sorted(status.items()) if k != "unreadable"))
+    for r in [r for r in rows if r["status"] != "ok"
+              and r["status"].split(":", 1)[0] in ("unreadable", "failure", "missing")][:20]:
         print(f"  {r['path']}: {r['status']}")
+    return {"rows": len(rows), "per_class": counts, "without_class": status}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_an_abbreviated_flag_is_refused_before_any_job_is_written(image_data, tm
     with pytest.raises(reproduce.UserError, match="--max_par 2: neither a reproduce.py flag nor a train.py flag"):
         reproduce.main(argv)
     assert not (tmp_path / "slurm").exists()
-    for name in ("train", "validation", "reproduce", "report", "predict", "demo", "study", "bench"):
+    for name in ("train", "validation", "reproduce", "report", "predict", "demo", "study", "bench", "prepare"):
         parser = importlib.import_module(name).get_args_parser()
         assert parser.allow_abbrev is False, name
     train = importlib.import_module("train").get_args_parser()

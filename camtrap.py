@@ -1,0 +1,359 @@
+"""Camera-trap photos as they come: a detector's output (MegaDetector's batch-output JSON, which
+SpeciesNet, Timelapse and AddaxAI read and write too), the animals it found as crops, train/valid
+splits that keep a site's or a burst's near-duplicates on one side, and the review page of predict.py.
+
+The detections file is the documented MegaDetector format (lila.science/megadetector-output-format):
+    {"detection_categories": {"1": "animal", "2": "person", "3": "vehicle"},
+     "images": [{"file": "site-a/IMG_0001.JPG",          # relative to the image folder (or absolute)
+                 "detections": [{"category": "1", "conf": 0.93, "bbox": [x, y, width, height]}]},
+                {"file": "site-a/IMG_0002.JPG", "detections": []},                      # empty
+                {"file": "site-b/IMG_0003.JPG", "failure": "Failure image access"}]}    # unread
+bbox is normalised to the image's width and height, (x, y) its upper-left corner. Categories other
+than animal, person and vehicle count as no detection, as the format says.
+"""
+import csv
+import datetime
+import hashlib
+import html
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+import data
+from utils import UserError, write_text_atomic
+
+# MegaDetector v5's "typical_detection_threshold" (the value its batch files recommend to downstream
+# tools, and its documentation's usual starting point for review); 0.05 is its "conservative" one.
+MIN_CONF = 0.2
+NON_ANIMAL = ("person", "vehicle")          # their statuses, in this order of precedence
+
+
+# ---------------------------------------------------------------- the detections file
+
+def read_detections(path):
+    """-> {relative path with '/' separators: record}, where record is {'failure': text or None,
+    'detections': [(index in the file's list, category name, conf, bbox)]}; UserError naming the file
+    and what is wrong when it is not a MegaDetector batch-output file."""
+    flag = f"--detections {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot be read ({e.strerror or e})")
+    except ValueError as e:
+        raise UserError(f"{flag}: not JSON ({e}); give MegaDetector's batch-output file")
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) \
+            or not isinstance(doc.get("detection_categories"), dict):
+        raise UserError(f"{flag}: not a MegaDetector batch-output file (it needs 'images', a list, and "
+                        f"'detection_categories', e.g. {{\"1\": \"animal\", \"2\": \"person\", \"3\": \"vehicle\"}})")
+    names = {str(k): str(v).strip().lower() for k, v in doc["detection_categories"].items()}
+    records = {}
+    for n, entry in enumerate(doc["images"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"].strip():
+            raise UserError(f"{flag}: images[{n}] has no 'file'")
+        failure = entry.get("failure")
+        dets = entry.get("detections")
+        found = []
+        if failure is None and not isinstance(dets, list):
+            raise UserError(f"{flag}: images[{n}] ({entry['file']}) has neither a 'detections' list nor a 'failure'")
+        for k, d in enumerate(dets if failure is None else []):
+            try:
+                conf, bbox = float(d["conf"]), [float(v) for v in d["bbox"]]
+                category = names.get(str(d["category"]), "unknown")
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{flag}: images[{n}] ({entry['file']}) detections[{k}] needs 'category', "
+                                f"'conf' and 'bbox' [x, y, width, height]")
+            if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
+                raise UserError(f"{flag}: images[{n}] ({entry['file']}) detections[{k}] has bbox {d['bbox']}; "
+                                f"give [x, y, width, height], normalised to the image (0..1)")
+            found.append((k, category, conf, bbox))
+        records[entry["file"].replace("\\", "/")] = {"failure": None if failure is None else str(failure),
+                                                      "detections": found}
+    return records
+
+
+def relative_key(path, root):
+    """A path's key in a detections file whose paths are relative to root."""
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def resolve_file(name, root):
+    """The path on disk of a detections file's 'file' entry (relative to root, or absolute)."""
+    return os.path.normpath(name if os.path.isabs(name) else os.path.join(root, name))
+
+
+def image_status(record, min_conf):
+    """(animal detections at or above min_conf as [(index, conf, bbox)], status of the image when it
+    has none): 'failure: ...' for an image the detector could not read, else 'person' or 'vehicle'
+    when one of those is at or above min_conf, else 'empty'."""
+    if record["failure"] is not None:
+        return [], f"failure: {record['failure']}"
+    kept = [d for d in record["detections"] if d[2] >= min_conf]
+    animals = [(k, conf, bbox) for k, cat, conf, bbox in kept if cat == "animal"]
+    if animals:
+        return animals, None
+    for name in NON_ANIMAL:
+        if any(cat == name for _, cat, _, _ in kept):
+            return [], name
+    return [], "empty"
+
+
+def check_min_conf(value):
+    if not 0 <= value <= 1:
+        raise UserError(f"--min_conf {value}: give a detection confidence between 0 and 1 "
+                        f"(MegaDetector v5's typical threshold is {MIN_CONF})")
+    return value
+
+
+# ---------------------------------------------------------------- crops for training
+
+def write_crops(images_root, detections, out, min_conf, classes=None):
+    """One PNG per animal detection at or above min_conf of every image in the labelled folder
+    images_root/<class>/... -> out/<class>/<path below the class>__det<k>.png (the crop_box of
+    data.load_image, lossless, so that training sees the pixels prediction does), plus out/crops.csv
+    (every image: its crops or why it has none) -> summary dict. Images with no animal are listed,
+    not trained on."""
+    classes = classes or data.list_class_folders(images_root)
+    images = data.find_class_images(images_root, classes, flag="--images")
+    rows, summary = [], {"images": 0, "crops": 0, "per_class": {c: 0 for c in classes}, "no_animal": {},
+                         "not_in_detections": 0, "missing_images": []}
+    listed = set()
+    for c in classes:
+        for path in images[c]:
+            key = relative_key(path, images_root)
+            listed.add(key)
+            summary["images"] += 1
+            record = detections.get(key)
+            if record is None:
+                rows.append([key, c, "", "", "", "not in --detections"])
+                summary["not_in_detections"] += 1
+                continue
+            animals, status = image_status(record, min_conf)
+            if not animals:
+                rows.append([key, c, "", "", "", status])
+                summary["no_animal"][status] = summary["no_animal"].get(status, 0) + 1
+                continue
+            rel = os.path.splitext(os.path.relpath(path, os.path.join(images_root, c)))[0]
+            for k, conf, bbox in animals:
+                dest = os.path.join(out, c, f"{rel}__det{k}.png")
+                try:
+                    crop = crop_pixels(path, bbox)
+                except data.BadImage as e:
+                    rows.append([key, c, k, f"{conf:.4f}", "", f"unreadable: {e}"])
+                    continue
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                crop.save(dest + ".tmp", format="PNG")
+                os.replace(dest + ".tmp", dest)
+                rows.append([key, c, k, f"{conf:.4f}", os.path.relpath(dest, out).replace(os.sep, "/"), "ok"])
+                summary["crops"] += 1
+                summary["per_class"][c] += 1
+    summary["missing_images"] = sorted(k for k in detections if k not in listed
+                                       and k.split("/", 1)[0] in classes and not os.path.exists(
+                                           resolve_file(k, images_root)))
+    lines = [["image", "class", "detection", "detection_conf", "crop", "status"], *rows]
+    write_text_atomic(os.path.join(out, "crops.csv"), "".join(_csv_line(r) for r in lines))
+    return summary
+
+
+def crop_pixels(path, bbox):
+    """The crop of data.load_image for bbox, before its resize -> PIL RGB image (BadImage if unreadable)."""
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > data.MAX_PIXELS:
+                raise data.BadImage(f"{im.width}x{im.height} pixels is over the {data.MAX_PIXELS} limit")
+            im.load()
+            rgb = data._to_rgb(ImageOps.exif_transpose(im))
+            return rgb.crop(data.crop_box(rgb.width, rgb.height, bbox))
+    except data.BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise data.BadImage(f"{type(e).__name__}: {e}")
+
+
+def _csv_line(row):
+    import io
+    buf = io.StringIO()
+    csv.writer(buf).writerow(row)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- grouped train/valid split
+
+def capture_time(path):
+    """EXIF DateTimeOriginal (else DateTime) of an image as a datetime, or None."""
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif()
+            text = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    try:
+        return datetime.datetime.strptime(str(text).strip("\x00 "), "%Y:%m:%d %H:%M:%S") if text else None
+    except ValueError:
+        return None
+
+
+def groups_of(paths, class_root, by, burst_seconds):
+    """{path: group id}. by='burst': images in the same folder whose capture times are at most
+    burst_seconds apart (each from the one before it, in time order) are one group; by='folder':
+    every sub-folder of the class folder (a camera site) is one group, and images directly in the
+    class folder are grouped by burst. An image without a capture time is a group of its own."""
+    by_dir = {}
+    for p in paths:
+        by_dir.setdefault(os.path.dirname(p), []).append(p)
+    group = {}
+    for d, files in sorted(by_dir.items()):
+        rel_dir = os.path.relpath(d, class_root).replace(os.sep, "/")
+        if by == "folder" and rel_dir != ".":
+            group.update({p: f"folder:{rel_dir}" for p in files})
+            continue
+        times = {p: capture_time(p) for p in files}
+        timed = sorted((t, p) for p, t in times.items() if t is not None)
+        group.update({p: f"file:{relative_key(p, class_root)}" for p, t in times.items() if t is None})
+        burst, last = 0, None
+        for t, p in timed:
+            if last is not None and (t - last).total_seconds() > burst_seconds:
+                burst += 1
+            group[p] = f"burst:{rel_dir}#{burst}"
+            last = t
+    return group
+
+
+def grouped_split(images, valid_fraction, seed, by, burst_seconds, root):
+    """{class: [paths]} -> ({path: 'train' or 'valid'}, {path: group}, notes). Per class, the groups
+    in one seeded order (numpy PCG64 of (seed, class name), as data.subsample) go to valid until it
+    holds at least round(valid_fraction x images) of them; the rest to train. A class with one group
+    stays in train (noted)."""
+    side, groups, notes = {}, {}, []
+    for c, paths in images.items():
+        g = groups_of(paths, os.path.join(root, c), by, burst_seconds)
+        groups.update(g)
+        names = sorted(set(g.values()))
+        members = {n: [p for p in paths if g[p] == n] for n in names}
+        target = max(1, math.floor(valid_fraction * len(paths) + 0.5))
+        valid = set()
+        if len(names) < 2:
+            notes.append(f"{c}: all {len(paths)} image(s) are one group ({names[0]}); kept in train")
+        else:
+            count = 0
+            for i in data.class_permutation(len(names), seed, c):
+                if count >= target or len(valid) == len(names) - 1:
+                    break
+                valid.add(names[i])
+                count += len(members[names[i]])
+        side.update({p: "valid" if g[p] in valid else "train" for p in paths})
+    return side, groups, notes
+
+
+def link_or_copy(src, dest):
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+# ---------------------------------------------------------------- the review page
+
+THUMB = 192     # the thumbnails' longer side in pixels
+
+
+def thumbnail(path, bbox, dest):
+    """A small JPEG of the whole photo (with the detection's box drawn when bbox is given) -> True, or
+    False when the photo cannot be read. Kept when it already exists."""
+    if os.path.isfile(dest):
+        return True
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > data.MAX_PIXELS:
+                return False
+            im.draft("RGB", (THUMB * 2, THUMB * 2))       # JPEG: decode at a reduced scale, much faster
+            im = data._to_rgb(ImageOps.exif_transpose(im))
+            im.thumbnail((THUMB, THUMB))
+            if bbox is not None:
+                x, y, w, h = bbox
+                ImageDraw.Draw(im).rectangle([x * im.width, y * im.height, (x + w) * im.width - 1,
+                                              (y + h) * im.height - 1], outline=(255, 215, 0), width=2)
+            im.save(dest + ".tmp", format="JPEG", quality=80)
+            os.replace(dest + ".tmp", dest)
+            return True
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return False
+
+
+def review_page(csv_path, html_path, classes, rare, threshold, images_root=None):
+    """Write the review page of a predictions CSV -> counts shown on it. Per predicted class a count
+    (and the images without an animal, by status, as counts only); then the rare class's candidates,
+    every classified row sorted by P(rare), highest first, as lazily loaded thumbnails (in
+    <page>_thumbs/ beside it) with the probability under each, each linking to its photo, and a line
+    where the decision rule stops predicting rare."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    page_dir = os.path.dirname(os.path.abspath(html_path))
+    thumbs = os.path.splitext(os.path.abspath(html_path))[0] + "_thumbs"
+    os.makedirs(thumbs, exist_ok=True)
+    ok = [r for r in rows if r["status"] == "ok"]
+    per_class = {c: sum(r["predicted"] == c for r in ok) for c in classes}
+    other = {}
+    for r in rows:
+        if r["status"] != "ok":
+            key = r["status"].split(":", 1)[0]
+            other[key] = other.get(key, 0) + 1
+    col = f"prob[{rare}]"
+    ok.sort(key=lambda r: -float(r[col]))
+    cards, line_drawn = [], False
+    for r in ok:
+        p, is_rare = float(r[col]), r["predicted"] == rare
+        if not is_rare and not line_drawn:
+            rule = (f"P({rare}) &ge; {threshold:.4g}" if threshold is not None else "the most probable class")
+            cards.append(f'<div class="line" id="threshold">decision rule ({rule}): above this line '
+                         f'{html.escape(rare)}, below it another class</div>')
+            line_drawn = True
+        bbox = json.loads(r["bbox"]) if r.get("bbox") else None
+        name = hashlib.sha1(f"{r['path']}#{r.get('detection', '')}".encode()).hexdigest()[:20] + ".jpg"
+        thumb_ok = thumbnail(r["path"], bbox, os.path.join(thumbs, name))
+        src = os.path.relpath(os.path.join(thumbs, name), page_dir).replace(os.sep, "/")
+        photo = os.path.relpath(os.path.abspath(r["path"]), page_dir).replace(os.sep, "/")
+        label = html.escape(os.path.basename(r["path"]) + (f" #{r['detection']}" if r.get("detection") else ""))
+        img = (f'<img src="{html.escape(src)}" loading="lazy" alt="{label}">' if thumb_ok
+               else '<span class="noimg">no thumbnail</span>')
+        cls = "card rare" if is_rare else "card"
+        cards.append(f'<a class="{cls}" href="{html.escape(photo)}" title="{html.escape(r["path"])}">{img}'
+                     f'<span class="p">{p:.4f}</span><span class="name">{label}</span>'
+                     f'<span class="pred">{html.escape(r["predicted"])}</span></a>')
+    if not line_drawn:
+        cards.append('<div class="line" id="threshold">every image above is predicted '
+                     f'{html.escape(rare)}</div>')
+    count_rows = "".join(f'<tr><td>{html.escape(c)}</td><td class="count" data-class="{html.escape(c)}">{n}</td></tr>'
+                         for c, n in per_class.items())
+    other_rows = "".join(f'<tr><td>{html.escape(s)}</td><td class="count" data-status="{html.escape(s)}">{n}</td></tr>'
+                         for s, n in sorted(other.items()))
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Review: {html.escape(rare)} candidates</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }} td {{ padding: 2px 10px; border-bottom: 1px solid #ddd; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 8px; }}
+.card {{ display: flex; flex-direction: column; width: {THUMB}px; text-decoration: none; color: #222;
+         border: 2px solid #ccc; padding: 2px; font-size: 12px; }}
+.card.rare {{ border-color: #d33; }}
+.card img {{ width: {THUMB}px; height: {THUMB * 3 // 4}px; object-fit: contain; background: #eee; }}
+.p {{ font-weight: bold; }} .name {{ overflow: hidden; white-space: nowrap; text-overflow: ellipsis; }}
+.line {{ flex-basis: 100%; border-top: 3px dashed #d33; color: #d33; padding-top: 4px; margin: 6px 0; }}
+</style></head><body>
+<h1>{html.escape(rare)} candidates</h1>
+<p>{html.escape(os.path.abspath(csv_path))}: {len(rows)} row(s).</p>
+<h2>Predicted classes</h2><table id="classes">{count_rows}</table>
+<h2>Without an animal to classify</h2><table id="others">{other_rows or '<tr><td>none</td><td></td></tr>'}</table>
+<h2>Sorted by P({html.escape(rare)}), highest first ({len(ok)})</h2>
+<p>Red frame: predicted {html.escape(rare)}. Each thumbnail opens its photo.</p>
+<div class="grid">
+{chr(10).join(cards)}
+</div></body></html>
+"""
+    write_text_atomic(html_path, page)
+    return {"per_class": per_class, "other": other, "candidates": len(ok)}
