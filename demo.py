@@ -12,6 +12,7 @@
    ratios and runs than the paper), which trains, evaluates (validation.py) and reports (report.py).
 """
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from runs import remove_weights
 from utils import UserError, command_line, ensure_output_dir, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,9 +48,12 @@ def get_args_parser():
                    "CPUs allow at one thread each, measured fastest on 2 cores)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (reproduce.py --threads; "
                    "default 1); the thread count changes the last bits of the weights, so the tables too")
-    p.add_argument("--keep_last", action="store_true", help="keep each run's last.pth (135 MB each, 6.5 GB for the "
-                   "48 runs) and the weights of the other rules of model selection; by default a finished run keeps "
-                   "best.pth only (45 MB each, 2.1 GB), all the demo evaluates")
+    p.add_argument("--keep_weights", action="store_true", help="keep each run's best.pth (45 MB each, 2.1 GB for the "
+                   "48 runs) after its evaluation, e.g. for predict.py; by default a condition's weights are removed "
+                   "once its tables are written (runs.remove_weights records which), and a re-run reuses the recorded "
+                   "evaluation")
+    p.add_argument("--keep_last", action="store_true", help="also keep each run's last.pth (135 MB each) and the "
+                   "weights of the other rules of model selection (implies --keep_weights)")
     p.add_argument("--build_only", action="store_true", help="only write the ImageFolders")
     return p
 
@@ -103,6 +108,23 @@ def build_image_folders(source, data_dir, conditions, limit=None, classes=None):
 
 # ---------------------------------------------------------------- the reduced ablation
 
+def drop_weights(cond_root):
+    """Remove the weights of every evaluated run under cond_root (reproduce.py's save root of one
+    condition) -> bytes freed. A run counts as evaluated when results.json of its variant lists it."""
+    freed = 0
+    for variant in sorted(os.listdir(cond_root)):
+        try:
+            with open(os.path.join(cond_root, variant, "results.json"), encoding="utf-8") as f:
+                results = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for ratios in results.get("variants", {}).values():
+            for entry in ratios.values():
+                for run in entry["runs"]:
+                    freed += remove_weights(run["run_dir"], "demo.py: evaluated (results.json of its variant)")
+    return freed
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     bad = [c for c in args.conditions if c not in CONDITIONS]
@@ -129,6 +151,10 @@ def main(argv=None):
         if subprocess.run(cmd).returncode != 0:
             raise UserError(f"reproduce.py stopped on the {cond} condition (its message is above); re-run "
                             f"python3 demo.py to continue where it stopped")
+        if not (args.keep_weights or args.keep_last):
+            freed = drop_weights(os.path.join(args.save_root, cond))
+            print(f"removed the {cond} runs' weights after their evaluation ({freed / 1e9:.2f} GB; "
+                  f"--keep_weights keeps them)", flush=True)
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min; tables and figures: "
           + ", ".join(os.path.join(args.save_root, c, "table1.md") for c in args.conditions))
 

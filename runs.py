@@ -198,6 +198,28 @@ def record_provenance(cfg, device, state, threads):
 SELECT_RULES = ("train_acc", "balanced_train_acc", "last")
 # The weight files of a run, each holding the model of one epoch; a rule's epoch is looked up in them.
 WEIGHT_FILES = ("best.pth", "best_balanced.pth", "final.pth", "last.pth")
+WEIGHTS_REMOVED = "weights_removed.json"     # a run whose weights were removed after its evaluation
+
+
+def remove_weights(run_dir, reason):
+    """Delete a finished run's weight files, recording in WEIGHTS_REMOVED which (with their sha256) and
+    why -> bytes freed. validation.py then reuses the run's recorded evaluation (results*.json of its
+    variant) for the same test folder, precision and rule, and says so; predict.py cannot use it."""
+    removed, freed = {}, 0
+    for name in WEIGHT_FILES:
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            removed[name] = file_sha256(path)
+            freed += os.path.getsize(path)
+    if not removed:
+        return 0
+    record = os.path.join(run_dir, WEIGHTS_REMOVED)
+    with open(record + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"removed": removed, "reason": reason, "when": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
+    os.replace(record + ".tmp", record)                 # the record first: never weights gone without it
+    for name in removed:
+        os.remove(os.path.join(run_dir, name))
+    return freed
 PER_CLASS_RE = re.compile(r"acc\[(.+?)\] (\S+)")
 
 
@@ -297,6 +319,10 @@ def load_best(run_dir, rule="train_acc"):
         if ckpt.get("epoch") == chosen[0]:
             return cfg, ckpt, chosen[0], chosen[1]
         reasons.append(f"{name} holds epoch {ckpt.get('epoch')}")
+    if os.path.isfile(os.path.join(run_dir, WEIGHTS_REMOVED)):
+        raise RunNotReady(f"its weights were removed after its evaluation ({WEIGHTS_REMOVED}: demo.py keeps them "
+                          f"with --keep_weights); its recorded evaluation serves the same test folder, precision "
+                          f"and rule only")
     kept = cfg["args"].get("keep_selected", ["train_acc"])
     hint = (f" (the run kept the weights of {', '.join(kept)} only: train.py --keep_selected)"
             if rule not in kept else "")

@@ -21,7 +21,7 @@ import torch
 import data
 from model import build_model, confusion_matrix, head_of, metrics_from_confusion, use_exact_float32
 from train import resolve_device
-from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, RunNotReady, fingerprint, is_complete, load_best,
+from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, WEIGHTS_REMOVED, RunNotReady, fingerprint, is_complete, load_best,
                   parse_train_log, run_number, run_settings, setting_differences)
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, run_main, write_json_atomic,
                    write_text_atomic)
@@ -213,10 +213,38 @@ def summarise(runs):
                              **flat_metrics(pick["metrics"])}}
 
 
+def recorded_evaluations(variant_dir, args):
+    """{run_dir: run entry} of the variant's results file for this rule when it was made on the same
+    test folder and precision: what a run whose weights were removed after evaluation still has."""
+    try:
+        with open(os.path.join(variant_dir, results_name(args.select)), encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if old.get("test_data_root") != os.path.abspath(args.test_data_root) or old.get("precision") != args.precision \
+            or old.get("select", "train_acc") != args.select:
+        return {}
+    return {run["run_dir"]: run for ratios in old.get("variants", {}).values() for entry in ratios.values()
+            for run in entry["runs"]}
+
+
 def evaluate_variant(variant_dir, args, tests, models):
-    """Evaluate every run of one variant -> (results dict, skipped list)."""
+    """Evaluate every run of one variant -> (results dict, skipped list). A run whose weights were
+    removed after evaluation (runs.remove_weights) keeps its recorded evaluation."""
     ratios, skipped = {}, []
+    recorded = recorded_evaluations(variant_dir, args)
     for ratio_name, run_dir in list_runs(variant_dir):
+        if os.path.isfile(os.path.join(run_dir, WEIGHTS_REMOVED)) and run_dir in recorded:
+            run = recorded[run_dir]
+            with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+                cfg = json.load(f)
+            check_classes(args.classes, cfg, run_dir)
+            ratio = cfg["observed_ratio"] if cfg["ratio"] == "all" else cfg["ratio"]
+            entry = ratios.setdefault(ratio_name, {"ratio": ratio, "classes": cfg["classes"], "runs": []})
+            entry["runs"].append(run)
+            print(f"recorded evaluation of {run_dir} (epoch {run['best_epoch']}; weights removed after it)",
+                  file=sys.stderr)
+            continue
         try:
             cfg, ckpt, epoch, _ = inspect_run(run_dir, args.classes, args.select)
         except Skip as e:

@@ -145,3 +145,38 @@ def test_demo_reads_the_debian_copy_of_fashion_mnist():
     images, labels = demo.load_fashion_mnist(demo.DEBIAN_DIR, "t10k")
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_the_demo_removes_its_weights_after_evaluation_and_a_rerun_reuses_the_recorded_evaluation(tmp_path,
+                                                                                                  capfd):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    for split, n in (("train", 200), ("t10k", 40)):
+        write_idx(src / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(src / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    argv = ["--source", str(src), "--data_dir", str(tmp_path / "data"), "--save_root", str(tmp_path / "runs"),
+            "--conditions", "fine", "--ratios", "0.5", "--runs", "1", "--num_epochs", "1", "--max_per_class", "10",
+            "--jobs", "1", "--threads", "1"]
+    demo.main(argv)
+    fine = tmp_path / "runs" / "fine"
+    weights = [os.path.join(d, f) for d, _, fs in os.walk(fine) for f in fs if f.endswith(".pth")]
+    records = [os.path.join(d, f) for d, _, fs in os.walk(fine) for f in fs if f == "weights_removed.json"]
+    assert weights == [] and len(records) == 4                       # 4 variants, every run
+    removed = json.load(open(records[0]))["removed"]
+    assert list(removed) == ["best.pth"] and len(removed["best.pth"]) == 64
+    table = (fine / "table1.md").read_text()
+    results = json.load(open(fine / "results.json"))
+    capfd.readouterr()
+    demo.main(argv)                                                   # nothing trained again, the same table
+    err = capfd.readouterr().err
+    assert "recorded evaluation of" in err and "evaluated " + str(fine) not in err
+    assert (fine / "table1.md").read_text().split("\n", 3)[3] == table.split("\n", 3)[3]
+    again = json.load(open(fine / "results.json"))
+    assert again["variants"] == results["variants"]
+    # another test folder cannot reuse it: the runs are skipped, saying why
+    import validation
+    other = tmp_path / "data" / "fine" / "valid"
+    with pytest.raises(SystemExit):
+        validation.main(["--model_root", str(fine / "proposed"), "--test_data_root", str(other), "--precision", "bf16"])
+    assert "weights were removed after its evaluation" in capfd.readouterr().err
