@@ -55,7 +55,8 @@ def get_args_parser():
     p.add_argument("--img_sizes", nargs="*", type=int, default=[64, 224], help="image sizes of the compute, train and "
                    "naive measurements (none: skip them, e.g. to measure --jobs_threads alone)")
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[64], help="paper: 64")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (cuda if available), cpu "
+                   "or cuda")
     p.add_argument("--num_workers", type=int, default=None, help="as train.py (default: its own default)")
     p.add_argument("--images_per_class", type=int, default=320, help="training JPEGs per class")
     p.add_argument("--test_per_class", type=int, default=100, help="test JPEGs per class")
@@ -65,7 +66,9 @@ def get_args_parser():
                    "test (default: the --img_sizes)")
     p.add_argument("--quick", action="store_true", help="on CPU: batch 16 and a quarter of the steps at sizes "
                    "over 128 px, and 64 training images per class there")
-    p.add_argument("--work_dir", default=os.path.join(HERE, "bench_out"))
+    p.add_argument("--work_dir", "--save_root", dest="work_dir", default="bench_out", help="scratch folder for the "
+                   "generated images and runs, and bench.json (relative paths: to the working folder; --save_root: "
+                   "the same, as the other scripts name their output folder)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 dense peak in TFLOP/s "
                    "(e.g. 989 for an H100 SXM), to report the fraction of it that training reaches")
     p.add_argument("--train_flags", default="", help="extra train.py flags for the train measurement, mirrored "
@@ -82,9 +85,12 @@ def get_args_parser():
     p.add_argument("--losses", nargs="*", default=list(LOSS_METHODS), help="methods whose loss is timed against "
                    "the baseline's step in the compute measurement: loss_overhead (default: " + " ".join(LOSS_METHODS)
                    + "; none: give --losses alone)")
-    p.add_argument("--measure", help=argparse.SUPPRESS)   # internal: one measurement in this process
-    p.add_argument("--img_size", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
+    g = p.add_argument_group("one measurement in this process (what bench.py runs for each size in a fresh "
+                             "process; useful to repeat one figure)")
+    g.add_argument("--measure", choices=("compute", "train", "naive", "eval"), help="the measurement: compute "
+                   "(the compute-only limit and each loss's step overhead), train (train.py), naive, eval")
+    g.add_argument("--img_size", type=int, help="its image size")
+    g.add_argument("--batch_size", type=int, help="its batch size")
     p.add_argument("--train_cap", type=int, default=0, help=argparse.SUPPRESS)
     return p
 

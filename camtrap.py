@@ -138,6 +138,7 @@ def write_crops(images_root, detections, out, min_conf, classes=None):
                 summary["no_animal"][status] = summary["no_animal"].get(status, 0) + 1
                 continue
             rel = os.path.splitext(os.path.relpath(path, os.path.join(images_root, c)))[0]
+            crop_exif = photo_exif(path)
             for k, conf, bbox in animals:
                 dest = os.path.join(out, c, f"{rel}__det{k}.png")
                 try:
@@ -146,7 +147,7 @@ def write_crops(images_root, detections, out, min_conf, classes=None):
                     rows.append([key, c, k, f"{conf:.4f}", "", f"unreadable: {e}"])
                     continue
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
-                crop.save(dest + ".tmp", format="PNG")
+                crop.save(dest + ".tmp", format="PNG", exif=crop_exif)
                 os.replace(dest + ".tmp", dest)
                 rows.append([key, c, k, f"{conf:.4f}", os.path.relpath(dest, out).replace(os.sep, "/"), "ok"])
                 summary["crops"] += 1
@@ -157,6 +158,19 @@ def write_crops(images_root, detections, out, min_conf, classes=None):
     lines = [["image", "class", "detection", "detection_conf", "crop", "status"], *rows]
     write_text_atomic(os.path.join(out, "crops.csv"), "".join(_csv_line(r) for r in lines))
     return summary
+
+
+def photo_exif(path):
+    """The photo's EXIF for its crops (capture times, for prepare.py split's bursts), without the
+    orientation, which the crop already applied -> bytes (empty when none)."""
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif()
+            if 0x0112 in exif:
+                del exif[0x0112]
+            return exif.tobytes() if len(exif) or exif.get_ifd(0x8769) else b""
+    except (OSError, SyntaxError, ValueError):
+        return b""
 
 
 def crop_pixels(path, bbox):
@@ -223,29 +237,30 @@ def groups_of(paths, class_root, by, burst_seconds):
     return group
 
 
-def grouped_split(images, valid_fraction, seed, by, burst_seconds, root):
-    """{class: [paths]} -> ({path: 'train' or 'valid'}, {path: group}, notes). Per class, the groups
-    in one seeded order (numpy PCG64 of (seed, class name), as data.subsample) go to valid until it
-    holds at least round(valid_fraction x images) of them; the rest to train. A class with one group
-    stays in train (noted)."""
+def grouped_split(images, fractions, seed, by, burst_seconds, root):
+    """{class: [paths]}, {part: fraction} (e.g. {'valid': 0.2, 'calibration': 0.2}) -> ({path: part or
+    'train'}, {path: group}, notes). Per class, the groups in one seeded order (numpy PCG64 of (seed,
+    class name), as data.subsample) fill each part in turn until it holds at least round(fraction x
+    images) (half up, at least 1); the rest go to train. At least one group always stays in train; a
+    part left without a group is noted."""
     side, groups, notes = {}, {}, []
     for c, paths in images.items():
         g = groups_of(paths, os.path.join(root, c), by, burst_seconds)
         groups.update(g)
         names = sorted(set(g.values()))
         members = {n: [p for p in paths if g[p] == n] for n in names}
-        target = max(1, math.floor(valid_fraction * len(paths) + 0.5))
-        valid = set()
-        if len(names) < 2:
-            notes.append(f"{c}: all {len(paths)} image(s) are one group ({names[0]}); kept in train")
-        else:
-            count = 0
-            for i in data.class_permutation(len(names), seed, c):
-                if count >= target or len(valid) == len(names) - 1:
-                    break
-                valid.add(names[i])
-                count += len(members[names[i]])
-        side.update({p: "valid" if g[p] in valid else "train" for p in paths})
+        order = [names[i] for i in data.class_permutation(len(names), seed, c)]
+        part_of = {}
+        for part, fraction in fractions.items():
+            target, count = max(1, math.floor(fraction * len(paths) + 0.5)), 0
+            while count < target and len(order) > 1:
+                name = order.pop(0)
+                part_of[name] = part
+                count += len(members[name])
+            if count == 0:
+                notes.append(f"{c}: no group left for {part} ({len(names)} group(s) of {len(paths)} image(s)); "
+                             f"it has no {c} image")
+        side.update({p: part_of.get(g[p], "train") for p in paths})
     return side, groups, notes
 
 

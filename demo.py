@@ -35,10 +35,10 @@ SPLITS = {"train": "train", "valid": "t10k"}
 def get_args_parser():
     p = command_line(__doc__)
     p.add_argument("--conditions", nargs="+", default=["fine", "coarse"], help="fine and/or coarse")
-    p.add_argument("--data_dir", default=os.path.join(HERE, "dataset", "fashion-mnist"),
-                   help="where the ImageFolders are written")
+    p.add_argument("--data_dir", default=os.path.join("dataset", "fashion-mnist"),
+                   help="where the ImageFolders are written (relative paths: to the working folder)")
     p.add_argument("--source", default=DEBIAN_DIR, help="folder with the idx .gz files (Debian's copy)")
-    p.add_argument("--save_root", default=os.path.join(HERE, "demo_runs"), help="runs, tables and figures")
+    p.add_argument("--save_root", default="demo_runs", help="runs, tables and figures (<save_root>/<condition>/)")
     p.add_argument("--ratios", nargs="+", default=["1", "0.1", "0.01"], help="minority fractions (paper: 5)")
     p.add_argument("--runs", type=int, default=2, help="runs per cell (paper: 10)")
     p.add_argument("--num_epochs", type=int, default=3, help="epochs per run (paper: 100)")
@@ -55,6 +55,8 @@ def get_args_parser():
     p.add_argument("--keep_last", action="store_true", help="also keep each run's last.pth (135 MB each) and the "
                    "weights of the other rules of model selection (implies --keep_weights)")
     p.add_argument("--build_only", action="store_true", help="only write the ImageFolders")
+    p.add_argument("--dry_run", action="store_true", help="print the reproduce.py command of each condition; "
+                   "write and train nothing")
     return p
 
 
@@ -108,6 +110,17 @@ def build_image_folders(source, data_dir, conditions, limit=None, classes=None):
 
 # ---------------------------------------------------------------- the reduced ablation
 
+def reproduce_command(args, cond, roots):
+    return [sys.executable, os.path.join(HERE, "reproduce.py"),
+            "--train_data_root", roots[cond]["train"], "--test_data_root", roots[cond]["valid"],
+            "--classes", *CONDITIONS[cond], "--save_root", os.path.join(args.save_root, cond),
+            "--ratios", *args.ratios, "--runs", str(args.runs),
+            "--num_epochs", str(args.num_epochs), "--max_per_class", str(args.max_per_class),
+            "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu",
+            *(["--jobs", str(args.jobs)] if args.jobs else []), *(["--threads", str(args.threads)] if args.threads else []),
+            *([] if args.keep_last else ["--no-keep_last", "--keep_selected", "train_acc"])]
+
+
 def drop_weights(cond_root):
     """Remove the weights of every evaluated run under cond_root (reproduce.py's save root of one
     condition) -> bytes freed. A run counts as evaluated when results.json of its variant lists it."""
@@ -130,6 +143,11 @@ def main(argv=None):
     bad = [c for c in args.conditions if c not in CONDITIONS]
     if bad:
         raise UserError(f"--conditions {' '.join(bad)}: choose from {' '.join(CONDITIONS)}")
+    if args.dry_run:
+        roots = {c: {s: os.path.join(args.data_dir, c, s) for s in SPLITS} for c in args.conditions}
+        for cond in args.conditions:
+            print(" ".join(reproduce_command(args, cond, roots)))
+        return
     ensure_output_dir(args.data_dir, "--data_dir")
     if not args.build_only:
         ensure_output_dir(args.save_root, "--save_root")
@@ -139,14 +157,7 @@ def main(argv=None):
     if args.build_only:
         return
     for cond in args.conditions:
-        cmd = [sys.executable, os.path.join(HERE, "reproduce.py"),
-               "--train_data_root", roots[cond]["train"], "--test_data_root", roots[cond]["valid"],
-               "--classes", *CONDITIONS[cond], "--save_root", os.path.join(args.save_root, cond),
-               "--ratios", *args.ratios, "--runs", str(args.runs),
-               "--num_epochs", str(args.num_epochs), "--max_per_class", str(args.max_per_class),
-               "--img_size", str(args.img_size), "--weights", "none", "--device", "cpu",
-               *(["--jobs", str(args.jobs)] if args.jobs else []), *(["--threads", str(args.threads)] if args.threads else []),
-               *([] if args.keep_last else ["--no-keep_last", "--keep_selected", "train_acc"])]
+        cmd = reproduce_command(args, cond, roots)
         print(f"\n== {cond}-grained condition: {' vs '.join(CONDITIONS[cond])}\n$ {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise UserError(f"reproduce.py stopped on the {cond} condition (its message is above); re-run "

@@ -35,7 +35,7 @@ import camtrap
 import data
 from model import build_trained, use_exact_float32
 from runs import RunNotReady, file_sha256, load_best
-from train import resolve_device
+from train import DEVICES, resolve_device
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, load_checkpoint, run_main,
                    write_json_atomic)
 
@@ -65,7 +65,7 @@ def get_args_parser():
     p.add_argument("--html", metavar="FILE", help="a review page: counts per class, and the candidates of the "
                    "rare class (--rare, or the class of --threshold) as thumbnails sorted by its probability "
                    "(thumbnails in FILE's name + _thumbs/)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto (cuda if available), cpu or cuda")
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass (256)")
     p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: min(8, CPUs))")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32 (default, exact) or bf16")

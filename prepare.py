@@ -10,7 +10,8 @@ photos it classifies (a square around the box with a 10% margin), so that traini
 animals the same way. crops/crops.csv lists every photo: its crops, or why it has none (empty,
 person, vehicle, the detector's failure, not in the detections file); those are not trained on.
 
-split: a labelled folder -> out/train/<class>/ and out/valid/<class>/ (hard links, else copies),
+split: a labelled folder -> out/train/<class>/, out/valid/<class>/ and, with --calibration_fraction,
+out/calibration/<class>/ (hard links, else copies),
 seeded, keeping groups whole: frames of one burst (EXIF capture times at most --burst_seconds apart
 in one folder) and, with --by folder, every sub-folder of a class (e.g. one per camera site). Photos
 of one burst or site are near-duplicates; split across train and valid they make every accuracy and
@@ -42,6 +43,8 @@ def get_args_parser():
     s.add_argument("--out", required=True, help="new folder for train/<class>/, valid/<class>/ and split.csv")
     s.add_argument("--valid_fraction", type=float, default=0.2, help="share of each class's images for valid "
                    "(reached or passed by whole groups)")
+    s.add_argument("--calibration_fraction", type=float, default=0.0, help="share for a third part, out/calibration/: "
+                   "labelled images apart from valid for predict.py --calibrate (0: none)")
     s.add_argument("--by", choices=("burst", "folder"), default="burst", help="burst: frames at most "
                    "--burst_seconds apart in one folder stay together; folder: each sub-folder of a class "
                    "(a camera site) stays together, images directly in the class folder by burst")
@@ -78,17 +81,23 @@ def crops(args):
 
 
 def split(args):
-    if not 0 < args.valid_fraction < 1:
-        raise UserError(f"--valid_fraction {args.valid_fraction}: give a share between 0 and 1, e.g. 0.2")
+    if not 0 < args.valid_fraction < 1 or not 0 <= args.calibration_fraction < 1 \
+            or args.valid_fraction + args.calibration_fraction >= 1:
+        raise UserError(f"--valid_fraction {args.valid_fraction} and --calibration_fraction "
+                        f"{args.calibration_fraction}: give shares above 0 (calibration: 0 or more) whose sum is "
+                        f"below 1, e.g. 0.2 and 0.2")
     if args.seed < 0 or args.burst_seconds < 0:
         raise UserError("--seed and --burst_seconds must be 0 or more")
     classes = args.classes or data.list_class_folders(args.images)
     images = data.find_class_images(args.images, classes, flag="--images")
-    side, groups, notes = camtrap.grouped_split(images, args.valid_fraction, args.seed, args.by,
-                                                args.burst_seconds, args.images)
+    fractions = {"valid": args.valid_fraction, **({"calibration": args.calibration_fraction}
+                                                  if args.calibration_fraction else {})}
+    parts = ["train", *fractions]
+    side, groups, notes = camtrap.grouped_split(images, fractions, args.seed, args.by, args.burst_seconds,
+                                                args.images)
     new_output_dir(args.out)
     rows = [["image", "class", "group", "side"]]
-    counts = {c: {"train": 0, "valid": 0, "groups_train": set(), "groups_valid": set()} for c in classes}
+    counts = {c: {k: v for part in parts for k, v in ((part, 0), ("groups_" + part, set()))} for c in classes}
     for c in classes:
         for path in images[c]:
             rel = os.path.relpath(path, os.path.join(args.images, c))
@@ -98,17 +107,16 @@ def split(args):
             counts[c]["groups_" + side[path]].add(groups[path])
     with open(os.path.join(args.out, "split.csv"), "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows(rows)
-    summary = {c: {"train": v["train"], "valid": v["valid"], "groups_train": len(v["groups_train"]),
-                   "groups_valid": len(v["groups_valid"])} for c, v in counts.items()}
+    summary = {c: {k: len(n) if isinstance(n, set) else n for k, n in v.items()} for c, v in counts.items()}
     write_json_atomic(os.path.join(args.out, "split.json"), {
-        "images_root": os.path.abspath(args.images), "valid_fraction": args.valid_fraction, "by": args.by,
+        "images_root": os.path.abspath(args.images), "valid_fraction": args.valid_fraction,
+        "calibration_fraction": args.calibration_fraction, "by": args.by,
         "burst_seconds": args.burst_seconds, "seed": args.seed, "classes": summary, "notes": notes})
     for c, v in summary.items():
-        print(f"{c}: train {v['train']} image(s) in {v['groups_train']} group(s), valid {v['valid']} in "
-              f"{v['groups_valid']}")
+        print(f"{c}: " + ", ".join(f"{part} {v[part]} image(s) in {v['groups_' + part]} group(s)" for part in parts))
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
-    print(f"train: {os.path.join(args.out, 'train')}  valid: {os.path.join(args.out, 'valid')}")
+    print("  ".join(f"{part}: {os.path.join(args.out, part)}" for part in parts))
 
 
 def main(argv=None):

@@ -35,9 +35,10 @@ def get_args_parser():
     p.add_argument("--train_data_root", required=True)
     p.add_argument("--test_data_root", help="test ImageFolder for validation.py (omit to train only)")
     p.add_argument("--classes", nargs="+", required=True, help="the first is the majority class")
-    p.add_argument("--save_root", default="./saved_runs")
-    p.add_argument("--variants", nargs="+", default=list(PAPER_NAMES.values()),
-                   help="methods (README, Methods): default the paper's four (baseline contrastive oversampling "
+    p.add_argument("--save_root", default="./saved_runs", help="runs go to <save_root>/<method>/<ratio>/run_X, "
+                   "results and tables to <save_root>/")
+    p.add_argument("--variants", "--methods", dest="variants", nargs="+", default=list(PAPER_NAMES.values()),
+                   help="(--methods: the same, as study.py names it) methods (README, Methods): default the paper's four (baseline contrastive oversampling "
                    "proposed); also focal cb ldam_drw la sqrt oversample+supcon oversample+fscl_neg1, or any "
                    "combination named as losses.method_name names it")
     p.add_argument("--ratios", nargs="+", default=["1", "0.1", "0.01", "0.005", "0.001"],
@@ -57,8 +58,9 @@ def get_args_parser():
     p.add_argument("--dry_run", action="store_true", help="print the plan, one train.py command per line")
     p.add_argument("--task_id", type=int, default=None, help="run only cell I (0-based) of the full grid")
     p.add_argument("--eval_only", action="store_true", help="skip training; run validation.py and report.py")
-    p.add_argument("--eval_precision", choices=("fp32", "bf16"), default="fp32",
-                   help="validation.py --precision (default fp32: exact float32; bf16 is faster where native)")
+    p.add_argument("--eval_precision", "--precision", dest="eval_precision", choices=("fp32", "bf16"),
+                   default="fp32", help="(--precision: the same, as validation.py and predict.py name it) "
+                   "validation.py --precision (default fp32: exact float32; bf16 is faster where native)")
     p.add_argument("--paper", choices=["coarse", "fine"], default=None, help="show the paper's Table 1 beside ours")
     p.add_argument("--select", nargs="+", default=["train_acc"], choices=SELECT_RULES,
                    help="rules of model selection to evaluate and report under (validation.py and report.py --select; "

@@ -59,7 +59,8 @@ def get_args_parser():
                    "pretrained (regime 2); the other defaults below follow the regime")
     p.add_argument("--conditions", nargs="+", default=None, choices=list(demo.CONDITIONS),
                    help="fine and/or coarse (scratch: both; pretrained: fine)")
-    p.add_argument("--methods", nargs="+", default=None, help="scratch: " + " ".join(REGIMES["scratch"]["methods"])
+    p.add_argument("--methods", "--variants", dest="methods", nargs="+", default=None, help="(--variants: the same, "
+                   "as reproduce.py names it) scratch: " + " ".join(REGIMES["scratch"]["methods"])
                    + "; pretrained: " + " ".join(REGIMES["pretrained"]["methods"]))
     p.add_argument("--reference", default="proposed", help="the method every other one is compared with")
     p.add_argument("--ratios", nargs="+", default=None, help="minority fractions (scratch: 0.1 0.01; pretrained: "

@@ -82,14 +82,14 @@ def get_args_parser():
                    help="fraction of the epochs before DRW's weights start (0.8: epochs 81-100 of 100)")
     g.add_argument("--supcon_temperature", type=float, default=DEFAULTS["supcon_temperature"],
                    help="supervised contrastive temperature (0.1)")
-    g.add_argument("--augment", default="paper", help="paper = RandAugment + ColorJitter per image (paper); "
+    g.add_argument("--augment", default="paper", choices=data.AUGMENTS, help="paper = RandAugment + ColorJitter per image (paper); "
                    "plain = resize only")
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_epochs", type=int, default=100, help="paper: 100")
     g.add_argument("--batch_size", type=int, default=64, help="paper: 64 (at least 2; a last batch of a single "
                    "image is left out of its epoch)")
     g.add_argument("--lr", type=float, default=0.001, help="paper: 0.001")
-    g.add_argument("--optimizer", default="adam", help="adam (default; the paper names none), adamw, or sgd "
+    g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="adam (default; the paper names none), adamw, or sgd "
                    "(momentum 0.9)")
     g.add_argument("--img_size", type=int, default=224, help="images are resized to img_size x img_size (224)")
     g.add_argument("--weights", default="imagenet", help="imagenet (torchvision IMAGENET1K_V1, default), none "
@@ -98,7 +98,7 @@ def get_args_parser():
                    "a non-negative integer (default: the run's number X, so run_1, run_2... differ and each is "
                    "reproducible)")
     g = p.add_argument_group("machine")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="auto (cuda if available), cpu or cuda")
     g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers for training and for the "
                    "first decoding pass (default: training 0 on CPU, where the model needs the cores, min(8, CPUs) "
                    "on CUDA; decoding min(8, CPUs)); 0 = everything in this process. The results do not depend on it")
@@ -133,6 +133,10 @@ def get_args_parser():
 
 
 # ---------------------------------------------------------------- configuration
+
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
 
 def resolve_device(name):
     if name not in ("auto", "cpu", "cuda"):

@@ -35,12 +35,22 @@ REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, 
             errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help as written (the docstring keeps its lines), with each flag's default appended unless its
+    help already states it or it has none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 def command_line(doc):
-    """The argument parser of every script: its docstring as the description, and no abbreviated flags
-    (`--max_par` for `--max_parallel` would be taken here but not by the commands a script passes its
-    flags on to, such as a Slurm job's)."""
-    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   allow_abbrev=False)
+    """The argument parser of every script: its docstring as the description, each flag's default in
+    --help, and no abbreviated flags (`--max_par` for `--max_parallel` would be taken here but not by
+    the commands a script passes its flags on to, such as a Slurm job's)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
 
 
 def run_main(main):

@@ -20,7 +20,7 @@ import torch
 
 import data
 from model import build_model, confusion_matrix, head_of, metrics_from_confusion, use_exact_float32
-from train import resolve_device
+from train import DEVICES, resolve_device
 from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, WEIGHTS_REMOVED, RunNotReady, fingerprint, is_complete, load_best,
                   parse_train_log, run_number, run_settings, setting_differences)
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, run_main, write_json_atomic,
@@ -29,13 +29,15 @@ from utils import (UserError, command_line, decoding_workers, ensure_output_dir,
 
 def get_args_parser():
     p = command_line(__doc__)
-    p.add_argument("--model_root", required=True, help="a variant folder (saved_runs/baseline) or saved_runs itself")
+    p.add_argument("--model_root", "--save_root", dest="model_root", required=True,
+                   help="a variant folder (saved_runs/baseline) or saved_runs itself (--save_root: the same, as "
+                   "reproduce.py and report.py name it)")
     p.add_argument("--test_data_root", required=True, help="ImageFolder root of the test images")
     p.add_argument("--classes", nargs="+", help="class names; must match each run's config.json (default: the run's)")
     p.add_argument("--batch_size", type=int, default=256, help="evaluation batch size (256)")
     p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: min(8, CPUs this process "
                    "may use); 0 = decode in this process")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto (cuda if available), cpu or cuda")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32 (default): exact float32 (TF32 off on CUDA), the same predictions on every "
                         "machine up to its float32 kernels; bf16: bf16 autocast, faster where the hardware runs "

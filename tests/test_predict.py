@@ -234,15 +234,35 @@ def readme_commands(section):
 
 
 def test_the_readme_camera_trap_commands_run_as_written(tmp_path):
+    """The front page's recipe, from MegaDetector's files to a sorted folder and a review page, on a
+    generated card: labelled photos of three or more camera sites per species (one animal each, some
+    frames empty), and new photos (two deer in one, an empty frame, a person)."""
     import subprocess
     import sys
     import torch
     import torchvision
+    from test_camtrap import detections_file, photo
     commands = readme_commands("Your own camera-trap images")
-    assert [c.split()[1] for c in commands] == ["train.py", "validation.py", "predict.py"]
-    make_image_folder(tmp_path / "camera_traps" / "train", {"water-deer": 30, "roe-deer": 6})
-    make_image_folder(tmp_path / "camera_traps" / "valid", {"water-deer": 8, "roe-deer": 8}, seed=1)
-    make_image_folder(tmp_path / "camera_traps" / "new_photos" / "site-a", {"cam1": 5, "cam2": 4}, seed=2)
+    assert [c.split()[1:3] for c in commands] == [["prepare.py", "crops"], ["prepare.py", "split"], ["train.py", "--train_data_root"],
+                                                ["validation.py", "--model_root"], ["predict.py", "--run"]]
+    base, entries = tmp_path / "camera_traps", []
+    for c, sites, per_site, colour in (("water-deer", 5, 6, (200, 60, 40)), ("roe-deer", 3, 3, (40, 60, 200))):
+        for s in range(sites):
+            for i in range(per_site):
+                rel = f"{c}/site-{s}/{i}.jpg"
+                photo(base / "labelled" / rel, colour, size=(80, 60), seed=100 * s + i,
+                      when=f"2026:05:0{s + 1} 10:{i:02d}:00")
+                entries.append({"file": rel, "detections": [] if i == per_site - 1 and c == "water-deer" else
+                                [{"category": "1", "conf": 0.9, "bbox": [0.2, 0.2, 0.5, 0.6]}]})
+    detections_file(base / "labelled_md.json", entries)
+    new = []
+    for i, colour in enumerate([(200, 60, 40)] * 4 + [(40, 60, 200)] * 3):
+        photo(base / "new_photos" / "site-x" / f"{i}.jpg", colour, size=(80, 60), seed=1000 + i)
+        new.append({"file": f"site-x/{i}.jpg", "detections": [{"category": "1", "conf": 0.8, "bbox": [0.1, 0.1, 0.4, 0.5]}]})
+    new[0]["detections"].append({"category": "1", "conf": 0.5, "bbox": [0.6, 0.5, 0.3, 0.4]})    # two deer
+    new[1]["detections"] = []                                                                   # empty
+    new[2]["detections"] = [{"category": "2", "conf": 0.9, "bbox": [0.3, 0.1, 0.2, 0.8]}]          # a person
+    detections_file(base / "new_photos_md.json", new)
     # --weights imagenet (the default) loads torchvision's file from the hub cache, which this test fills
     # with a resnet18 state_dict of its own (no download here)
     hub = tmp_path / "torch" / "hub" / "checkpoints"
@@ -254,9 +274,23 @@ def test_the_readme_camera_trap_commands_run_as_written(tmp_path):
         argv = [sys.executable, os.path.join(ROOT, command.split()[1]), *command.split()[2:]]
         out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, (command, out.stderr[-2000:])
+    split = rows(base / "split" / "split.csv")
+    sides = {}
+    for r in split:
+        sides.setdefault((r["class"], r["group"]), set()).add(r["side"])
+    assert all(len(v) == 1 for v in sides.values())                       # a site never on two sides
+    for c in CLASSES:
+        assert {r["side"] for r in split if r["class"] == c} == {"train", "valid", "calibration"}
+    assert len(split) == 5 * 5 + 3 * 3                                     # every crop; 5 empty frames not cropped
     got = rows(tmp_path / "predictions.csv")
-    assert len(got) == 9 and all(r["status"] == "ok" for r in got)
-    assert json.load(open(tmp_path / "predictions.json"))["calibration"]["recall"] >= 0.95
-    assert sum(len(os.listdir(tmp_path / "sorted_photos" / c)) for c in os.listdir(tmp_path / "sorted_photos")) == 9
+    assert sorted(r["status"] for r in got) == sorted(["empty", "person"] + ["ok"] * 6)
+    meta = json.load(open(tmp_path / "predictions.json"))
+    assert meta["calibration"]["recall"] >= 0.95 and meta["calibration"]["folder"].endswith("calibration")
+    assert meta["counts"]["without_class"] == {"empty": 1, "person": 1}
+    linked = {c: sorted(os.listdir(tmp_path / "sorted_photos" / c)) for c in os.listdir(tmp_path / "sorted_photos")}
+    assert linked["empty"] == ["1.jpg"] and linked["person"] == ["2.jpg"]
+    assert sum(len(v) for c, v in linked.items() if c in CLASSES) >= 5     # 5 photos with an animal, by class
+    assert "roe-deer candidates" in (tmp_path / "review.html").read_text()
     cfg = json.load(open(tmp_path / "my_runs" / "proposed" / "all" / "run_1" / "config.json"))
-    assert [cfg["counts"][c]["used"] for c in CLASSES] == [30, 6]
+    train_rows = [r for r in split if r["side"] == "train"]
+    assert [cfg["counts"][c]["used"] for c in CLASSES] == [sum(r["class"] == c for r in train_rows) for c in CLASSES]
