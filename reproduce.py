@@ -7,7 +7,7 @@ Cell (variant, ratio, k) trains into <save_root>/<variant>/<ratio>/run_k. Re-run
 trains only what is missing: finished runs (summary.json) are skipped, interrupted ones resumed from
 their last.pth. --dry_run prints the plan, one train.py command per line. --task_id I runs the I-th
 cell of the full grid only (one Slurm array task); --slurm writes and submits the array job and its
-evaluation job (slurm.py; see README.md).
+evaluation job (slurm.py; see docs/reproducing.md).
 """
 import concurrent.futures as cf
 import json
@@ -38,7 +38,7 @@ def get_args_parser():
     p.add_argument("--save_root", default="./saved_runs", help="runs go to <save_root>/<method>/<ratio>/run_X, "
                    "results and tables to <save_root>/")
     p.add_argument("--variants", "--methods", dest="variants", nargs="+", default=list(PAPER_NAMES.values()),
-                   help="(--methods: the same, as study.py names it) methods (README, Methods): default the paper's four (baseline contrastive oversampling "
+                   help="(--methods: the same, as study.py names it) methods (docs/method.md): default the paper's four (baseline contrastive oversampling "
                    "proposed); also focal cb ldam_drw la sqrt oversample+supcon oversample+fscl_neg1, or any "
                    "combination named as losses.method_name names it")
     p.add_argument("--ratios", nargs="+", default=["1", "0.1", "0.01", "0.005", "0.001"],
@@ -176,7 +176,7 @@ def side_by_side(args, cpus=None):
         return args.jobs or 1, args.threads
     jobs, threads = args.jobs, args.threads
     if jobs is None and threads is None:
-        jobs, threads = cpus, 1                     # bench.py's jobs x threads measurement (README, Performance)
+        jobs, threads = cpus, 1                     # bench.py's jobs x threads measurement (docs/performance.md)
     elif jobs is None:
         jobs = max(1, cpus // threads)
     elif threads is None:

@@ -4,7 +4,7 @@
         --ratio 1:0.01 --save_root ./saved_runs --num_epochs 100 [--contrastive] [--oversampling]
 
 Each run lands in <save_root>/<variant>/<ratio>/run_X/ with config.json, train.log, metrics.jsonl,
-best.pth, last.pth and, once finished, summary.json. See README.md for every flag.
+best.pth, last.pth and, once finished, summary.json. See docs/training.md for every flag.
 """
 import argparse
 import copy
