@@ -38,8 +38,9 @@ RESUME_FLAGS = ("device", "num_workers", "threads", "cache", "compile", "channel
 def get_args_parser():
     p = command_line(__doc__)
     g = p.add_argument_group("data (as in the paper's README)")
-    g.add_argument("--train_data_root", help="ImageFolder root: one sub-folder per class")
-    g.add_argument("--classes", nargs="+", help="class folder names, in order; the first is the ratio's reference "
+    g.add_argument("--train_data_root", help="required (except with --resume): ImageFolder root, one sub-folder per "
+                   "class")
+    g.add_argument("--classes", nargs="+", help="required (except with --resume): class folder names, in order; the first is the ratio's reference "
                    "(majority) class and labels follow this order")
     g.add_argument("--ratio", help="one part per class, colon-separated, e.g. 1:0.01 or 1:0.1:0.01; omitted or "
                    "'all': every image of each class, the folder as it is (run folder 'all')")
