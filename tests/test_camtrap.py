@@ -336,3 +336,21 @@ def test_the_review_page_opens_in_a_browser_with_every_thumbnail_and_the_csvs_co
     finally:
         driver.quit()
     assert json.load(open(tmp_path / "p.json"))["counts"]["html"] == str(page)
+
+
+def test_crops_keep_the_photos_capture_time_so_that_a_split_by_burst_still_works(tmp_path):
+    root = tmp_path / "labelled"
+    photo(root / "roe-deer" / "a.jpg", (40, 60, 200), when="2026:05:01 10:00:00", orientation=6)
+    photo(root / "roe-deer" / "b.jpg", (40, 60, 200), when="2026:05:01 10:00:04")
+    photo(root / "roe-deer" / "c.jpg", (40, 60, 200), when="2026:05:01 11:00:00")
+    box = [{"category": "1", "conf": 0.9, "bbox": [0.2, 0.2, 0.3, 0.3]}]
+    md = detections_file(tmp_path / "md.json", [{"file": f"roe-deer/{n}.jpg", "detections": box} for n in "abc"])
+    summary = camtrap.write_crops(str(root), camtrap.read_detections(md), str(tmp_path / "crops"), 0.2)
+    assert summary["crops"] == 3
+    crops = sorted(data.list_images(tmp_path / "crops" / "roe-deer"))
+    assert [camtrap.capture_time(c) for c in crops] == [camtrap.capture_time(str(root / "roe-deer" / f"{n}.jpg"))
+                                                        for n in "abc"]
+    with Image.open(crops[0]) as im:
+        assert 0x0112 not in im.getexif()                     # the crop is upright already
+    groups = camtrap.groups_of(crops, str(tmp_path / "crops" / "roe-deer"), "burst", 10)
+    assert groups[crops[0]] == groups[crops[1]] != groups[crops[2]]
