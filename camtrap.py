@@ -15,6 +15,7 @@ import csv
 import datetime
 import hashlib
 import html
+import io
 import json
 import math
 import os
@@ -175,21 +176,10 @@ def photo_exif(path):
 
 def crop_pixels(path, bbox):
     """The crop of data.load_image for bbox, before its resize -> PIL RGB image (BadImage if unreadable)."""
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > data.MAX_PIXELS:
-                raise data.BadImage(f"{im.width}x{im.height} pixels is over the {data.MAX_PIXELS} limit")
-            im.load()
-            rgb = data._to_rgb(ImageOps.exif_transpose(im))
-            return rgb.crop(data.crop_box(rgb.width, rgb.height, bbox))
-    except data.BadImage:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise data.BadImage(f"{type(e).__name__}: {e}")
+    return data.open_rgb(path, bbox)
 
 
 def _csv_line(row):
-    import io
     buf = io.StringIO()
     csv.writer(buf).writerow(row)
     return buf.getvalue()

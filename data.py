@@ -144,8 +144,15 @@ def _to_rgb(im):
 
 def load_image(path, size, box=None):
     """Decode path -> uint8 array (size, size, 3); BadImage if it is not a usable image. box: a
-    detector's normalised [x, y, width, height] (MegaDetector's bbox): the image is first turned
-    upright by its EXIF orientation, as the detector saw it, and cut to crop_box() of it."""
+    detector's crop, see open_rgb."""
+    return np.array(open_rgb(path, box, size), dtype=np.uint8)  # a writable copy
+
+
+def open_rgb(path, box=None, size=None):
+    """Decode path -> PIL RGB image, resized to (size, size) with PIL's bilinear filter when size is
+    given; BadImage if it is not a usable image. box: a detector's normalised [x, y, width, height]
+    (MegaDetector's bbox): the image is first turned upright by its EXIF orientation, as the detector
+    saw it, and cut to crop_box() of it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -153,13 +160,14 @@ def load_image(path, size, box=None):
                 if im.width * im.height > MAX_PIXELS:
                     raise BadImage(f"{im.width}x{im.height} pixels is over the {MAX_PIXELS} limit")
                 im.load()
-                if box is not None:
+                if box is None:
+                    rgb = _to_rgb(im)
+                else:
                     rgb = _to_rgb(ImageOps.exif_transpose(im))
                     rgb = rgb.crop(crop_box(rgb.width, rgb.height, box))
-                else:
-                    rgb = _to_rgb(im)
-                rgb = rgb.resize((size, size), Image.BILINEAR)
-                return np.array(rgb, dtype=np.uint8)  # a writable copy
+                if size is not None:
+                    return rgb.resize((size, size), Image.BILINEAR)
+                return rgb.copy() if rgb is im else rgb            # usable after the file is closed
     except BadImage:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
