@@ -264,6 +264,18 @@ def link_or_copy(src, dest):
 
 # ---------------------------------------------------------------- the review page
 
+def count_rows(rows, classes):
+    """Rows of a predictions CSV -> ({class: rows predicted it}, {status kind: rows without a class}),
+    the kind being the status up to its first ':' ('unreadable', 'failure', 'missing', 'empty', ...)."""
+    per_class = {c: sum(r["predicted"] == c for r in rows) for c in classes}
+    other = {}
+    for r in rows:
+        if r["status"] != "ok":
+            kind = r["status"].split(":", 1)[0]
+            other[kind] = other.get(kind, 0) + 1
+    return per_class, other
+
+
 THUMB = 192     # the thumbnails' longer side in pixels
 
 
@@ -290,7 +302,7 @@ def thumbnail(path, bbox, dest):
         return False
 
 
-def review_page(csv_path, html_path, classes, rare, threshold, images_root=None):
+def review_page(csv_path, html_path, classes, rare, threshold):
     """Write the review page of a predictions CSV -> counts shown on it. Per predicted class a count
     (and the images without an animal, by status, as counts only); then the rare class's candidates,
     every classified row sorted by P(rare), highest first, as lazily loaded thumbnails (in
@@ -302,12 +314,7 @@ def review_page(csv_path, html_path, classes, rare, threshold, images_root=None)
     thumbs = os.path.splitext(os.path.abspath(html_path))[0] + "_thumbs"
     os.makedirs(thumbs, exist_ok=True)
     ok = [r for r in rows if r["status"] == "ok"]
-    per_class = {c: sum(r["predicted"] == c for r in ok) for c in classes}
-    other = {}
-    for r in rows:
-        if r["status"] != "ok":
-            key = r["status"].split(":", 1)[0]
-            other[key] = other.get(key, 0) + 1
+    per_class, other = count_rows(rows, classes)
     col = f"prob[{rare}]"
     ok.sort(key=lambda r: -float(r[col]))
     cards, line_drawn = [], False
@@ -333,7 +340,7 @@ def review_page(csv_path, html_path, classes, rare, threshold, images_root=None)
     if not line_drawn:
         cards.append('<div class="line" id="threshold">every image above is predicted '
                      f'{html.escape(rare)}</div>')
-    count_rows = "".join(f'<tr><td>{html.escape(c)}</td><td class="count" data-class="{html.escape(c)}">{n}</td></tr>'
+    class_rows = "".join(f'<tr><td>{html.escape(c)}</td><td class="count" data-class="{html.escape(c)}">{n}</td></tr>'
                          for c, n in per_class.items())
     other_rows = "".join(f'<tr><td>{html.escape(s)}</td><td class="count" data-status="{html.escape(s)}">{n}</td></tr>'
                          for s, n in sorted(other.items()))
@@ -352,7 +359,7 @@ table {{ border-collapse: collapse; margin-bottom: 1em; }} td {{ padding: 2px 10
 </style></head><body>
 <h1>{html.escape(rare)} candidates</h1>
 <p>{html.escape(os.path.abspath(csv_path))}: {len(rows)} row(s).</p>
-<h2>Predicted classes</h2><table id="classes">{count_rows}</table>
+<h2>Predicted classes</h2><table id="classes">{class_rows}</table>
 <h2>Without an animal to classify</h2><table id="others">{other_rows or '<tr><td>none</td><td></td></tr>'}</table>
 <h2>Sorted by P({html.escape(rare)}), highest first ({len(ok)})</h2>
 <p>Red frame: predicted {html.escape(rare)}. Each thumbnail opens its photo.</p>

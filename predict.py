@@ -450,12 +450,7 @@ def summarise(out, classes, resumed):
     without a class (empty, person, vehicle, failure, unreadable, ...)."""
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    counts = {c: sum(r["predicted"] == c for r in rows) for c in classes}
-    status = {}
-    for r in rows:
-        if r["status"] != "ok":
-            kind = r["status"].split(":", 1)[0]
-            status[kind] = status.get(kind, 0) + 1
+    counts, status = camtrap.count_rows(rows, classes)
     what = "row(s) (detections and images)" if rows and "detection" in rows[0] else "image(s)"
     print(f"{len(rows)} {what} in {out}" + (f" ({resumed} from an earlier run)" if resumed else "") + ": "
           + ", ".join(f"{c} {n}" for c, n in counts.items())
