@@ -143,7 +143,7 @@ def write_crops(images_root, detections, out, min_conf, classes=None):
             for k, conf, bbox in animals:
                 dest = os.path.join(out, c, f"{rel}__det{k}.png")
                 try:
-                    crop = crop_pixels(path, bbox)
+                    crop = data.open_rgb(path, bbox)     # load_image's crop, before its resize
                 except data.BadImage as e:
                     rows.append([key, c, k, f"{conf:.4f}", "", f"unreadable: {e}"])
                     continue
@@ -172,11 +172,6 @@ def photo_exif(path):
             return exif.tobytes() if len(exif) or exif.get_ifd(0x8769) else b""
     except (OSError, SyntaxError, ValueError):
         return b""
-
-
-def crop_pixels(path, bbox):
-    """The crop of data.load_image for bbox, before its resize -> PIL RGB image (BadImage if unreadable)."""
-    return data.open_rgb(path, bbox)
 
 
 def _csv_line(row):
