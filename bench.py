@@ -23,7 +23,6 @@ The last line printed is one JSON object with every figure.
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -33,7 +32,7 @@ import time
 
 import numpy as np
 
-from utils import available_cpus, command_line
+from utils import available_cpus, command_line, cpu_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ("class-a", "class-b")
@@ -525,7 +524,7 @@ def main():
     import torch
     from train import resolve_device
     device = resolve_device(args.device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({available_cpus()} cores, {platform.processor() or platform.machine()})"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({available_cpus()} cores, {cpu_name()})"
     configs = [measure_config(args, size, batch, device.type == "cpu")
                for size in args.img_sizes for batch in args.batch_sizes]
     evals = [] if "eval" in args.skip else [measure_eval_size(args, size) for size in args.eval_sizes or args.img_sizes]

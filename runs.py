@@ -15,7 +15,7 @@ import torchvision
 
 import data
 from losses import method_settings
-from utils import UserError, WriteError, describe_os_error, load_checkpoint
+from utils import UserError, WriteError, cpu_name, describe_os_error, load_checkpoint
 
 RUN_DIR_RE = re.compile(r"^run_(\d+)$")
 # One whole epoch line of train.log, from "Epoch 3/100 | Train Acc 0.981250 | " to its fixed ending
@@ -173,10 +173,11 @@ SLURM_ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "ar
 
 def record_provenance(cfg, device, state, threads):
     """Where and with what the run was made (with the Slurm job, array task and node when it ran as one,
-    and torch's thread count, which changes the last bits of CPU training); a resume appends its own
+    and torch's thread count and the CPU's model, which change the last bits of CPU training); a resume appends its own
     entry and keeps the original."""
     here = {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": platform.python_version(), "device": str(device), "threads": threads, "host": platform.node()}
+            "python": platform.python_version(), "device": str(device), "threads": threads, "host": platform.node(),
+            "cpu": cpu_name()}
     if "SLURM_JOB_ID" in os.environ:
         here["slurm"] = {k: os.environ.get(v) for k, v in SLURM_ENV.items()}
     if "git_commit" not in cfg:

@@ -85,6 +85,22 @@ def available_cpus():
     return os.cpu_count() or 1
 
 
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name, for the records of where a figure was measured: 'model name' in
+    /proc/cpuinfo on Linux (where platform.processor() is usually empty), else platform.processor(),
+    else the architecture (platform.machine())."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model name") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def decoding_workers(num_workers):
     """--num_workers for decoding: as given (0 = decode in this process), else min(8, CPUs this process
     may use); UserError when negative."""

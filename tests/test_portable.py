@@ -12,7 +12,7 @@ import data
 import train
 import validation
 from conftest import ROOT, make_image_folder, run_train, train_args
-from utils import UserError, available_cpus
+from utils import UserError, available_cpus, cpu_name
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -114,6 +114,20 @@ def test_worker_defaults_use_the_cpus_this_process_may_use(monkeypatch):
     cfg = _loader_cfg(None, False)
     loader, _ = train.make_loader([0] * 4, [0, 0, 1, 1], cfg, torch.device("cpu"))
     assert loader.num_workers == 0                               # CPU training: no workers by default
+
+
+def test_the_cpu_is_named_by_its_model_where_linux_says_it_and_by_platform_elsewhere(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t: fpu\n")
+    assert cpu_name(str(info)) == "AMD EPYC 7B13"
+    import platform
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")            # ARM Linux: no model name line
+    assert cpu_name(str(info)) == "aarch64"
+    assert cpu_name(str(tmp_path / "absent")) == "aarch64"             # no /proc (macOS, Windows)
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert cpu_name(str(tmp_path / "absent")) == "arm"
 
 
 def test_float32_means_ieee_float32_in_training_and_evaluation(four_variants, image_data, monkeypatch):

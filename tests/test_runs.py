@@ -103,7 +103,7 @@ def test_resume_works_from_any_folder_refuses_result_changing_flags_and_keeps_pr
     for flag in (["--num_epochs", "5"], ["--lr", "0.1"], ["--contrastive"], ["--img_size", "64"]):
         with pytest.raises(UserError, match=f"{flag[0]} would change its result"):
             train.main(["--resume", str(run), *flag])
-    original = {k: cfg[k] for k in ("git_commit", "torch", "host", "device")}
+    original = {k: cfg[k] for k in ("git_commit", "torch", "host", "device", "cpu")}
     train.main(["--resume", str(run), "--num_workers", "0", "--device", "cpu"])     # speed flags are taken
     cfg = json.load(open(run / "config.json"))
     assert os.path.isfile(run / "summary.json") and not os.path.exists(elsewhere / "runs")
