@@ -173,8 +173,8 @@ SLURM_ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "ar
 
 def record_provenance(cfg, device, state, threads):
     """Where and with what the run was made (with the Slurm job, array task and node when it ran as one,
-    and torch's thread count and the CPU's model, which change the last bits of CPU training); a resume appends its own
-    entry and keeps the original."""
+    and torch's thread count and the CPU's model, which change the last bits of CPU training); a resume
+    appends its own entry and keeps the original."""
     here = {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "device": str(device), "threads": threads, "host": platform.node(),
             "cpu": cpu_name()}
