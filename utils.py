@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import tempfile
@@ -93,11 +94,10 @@ def cpu_name(cpuinfo="/proc/cpuinfo"):
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model name") and value.strip():
+                if key.strip() == "model name" and value.strip():
                     return value.strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or platform.machine() or "unknown"
 
 
