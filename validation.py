@@ -10,6 +10,7 @@ programs, read by report.py), or result_log_<rule>.txt and results_<rule>.json u
 with a saved_runs root, also one pair per variant folder. Test images are decoded once per image size
 and shared by every run.
 """
+import hashlib
 import json
 import os
 import sys
@@ -21,8 +22,8 @@ import torch
 import data
 from model import build_model, confusion_matrix, head_of, metrics_from_confusion, use_exact_float32
 from train import DEVICES, resolve_device
-from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, WEIGHTS_REMOVED, RunNotReady, fingerprint, is_complete, load_best,
-                  parse_train_log, run_number, run_settings, setting_differences)
+from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, WEIGHT_FILES, WEIGHTS_REMOVED, RunNotReady, fingerprint,
+                  is_complete, load_best, parse_train_log, run_number, run_settings, setting_differences)
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, run_main, write_json_atomic,
                    write_text_atomic)
 
@@ -47,6 +48,9 @@ def get_args_parser():
                    "Acc), balanced_train_acc (the highest mean of the per-class training accuracies) or last (the "
                    "last epoch); results of another rule than train_acc go to results_<rule>.json")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any run was skipped")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate every run afresh; by default a run whose files are unchanged since its recorded "
+                   "evaluation (same test folder, precision, rule, device and batch size) keeps that evaluation")
     return p
 
 
@@ -215,28 +219,66 @@ def summarise(runs):
                              **flat_metrics(pick["metrics"])}}
 
 
+STAMPED_FILES = ("config.json", "train.log", "summary.json") + WEIGHT_FILES
+
+
+def run_stamp(run_dir):
+    """{file: [size, mtime_ns]} of the files an evaluation of the run reads: a run whose stamp is
+    unchanged since its recorded evaluation would be evaluated to the same numbers."""
+    stamp = {}
+    for name in STAMPED_FILES:
+        try:
+            st = os.stat(os.path.join(run_dir, name))
+        except OSError:
+            continue
+        stamp[name] = [st.st_size, st.st_mtime_ns]
+    return stamp
+
+
+def folder_stamp(root):
+    """sha256 of every file's relative path, size and mtime under a test folder (a listing, not the bytes)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            h.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "replace"))
+    return h.hexdigest()
+
+
 def recorded_evaluations(variant_dir, args):
-    """{run_dir: run entry} of the variant's results file for this rule when it was made on the same
-    test folder and precision: what a run whose weights were removed after evaluation still has."""
+    """-> ({run_dir: run entry}, reusable) from the variant's results file for this rule when it was made
+    on the same test folder and precision: what a run whose weights were removed after evaluation still
+    has. reusable: the file was also made on the same test files (folder_stamp), device and batch size,
+    so a run whose run_stamp is unchanged keeps its entry."""
     try:
         with open(os.path.join(variant_dir, results_name(args.select)), encoding="utf-8") as f:
             old = json.load(f)
     except (OSError, ValueError):
-        return {}
+        return {}, False
     if old.get("test_data_root") != os.path.abspath(args.test_data_root) or old.get("precision") != args.precision \
             or old.get("select", "train_acc") != args.select:
-        return {}
+        return {}, False
+    reusable = (not args.reevaluate and old.get("test_stamp") == args.test_stamp
+                and old.get("device") == args.device_type and old.get("batch_size") == args.batch_size)
     return {run["run_dir"]: run for ratios in old.get("variants", {}).values() for entry in ratios.values()
-            for run in entry["runs"]}
+            for run in entry["runs"]}, reusable
 
 
 def evaluate_variant(variant_dir, args, tests, models):
     """Evaluate every run of one variant -> (results dict, skipped list). A run whose weights were
     removed after evaluation (runs.remove_weights) keeps its recorded evaluation."""
     ratios, skipped = {}, []
-    recorded = recorded_evaluations(variant_dir, args)
+    recorded, reusable = recorded_evaluations(variant_dir, args)
     for ratio_name, run_dir in list_runs(variant_dir):
-        if os.path.isfile(os.path.join(run_dir, WEIGHTS_REMOVED)) and run_dir in recorded:
+        stamp = run_stamp(run_dir)
+        removed = os.path.isfile(os.path.join(run_dir, WEIGHTS_REMOVED))
+        unchanged = reusable and run_dir in recorded and recorded[run_dir].get("stamp") == stamp
+        if (removed or unchanged) and run_dir in recorded:
             run = recorded[run_dir]
             with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
                 cfg = json.load(f)
@@ -244,8 +286,9 @@ def evaluate_variant(variant_dir, args, tests, models):
             ratio = cfg["observed_ratio"] if cfg["ratio"] == "all" else cfg["ratio"]
             entry = ratios.setdefault(ratio_name, {"ratio": ratio, "classes": cfg["classes"], "runs": []})
             entry["runs"].append(run)
-            print(f"recorded evaluation of {run_dir} (epoch {run['best_epoch']}; weights removed after it)",
-                  file=sys.stderr)
+            why = "weights removed after it" if removed else "its files unchanged since"
+            print(f"recorded evaluation of {run_dir} (epoch {run['best_epoch']}; {why})", file=sys.stderr)
+            args.reused += 1
             continue
         try:
             cfg, ckpt, epoch, _ = inspect_run(run_dir, args.classes, args.select)
@@ -258,7 +301,7 @@ def evaluate_variant(variant_dir, args, tests, models):
         entry = ratios.setdefault(ratio_name, {"ratio": ratio, "classes": cfg["classes"], "runs": []})
         entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": ckpt.get("train_acc", acc_at(run_dir, epoch)),
                               "img_size": cfg["args"]["img_size"], "fingerprint": cfg.get("fingerprint"),
-                              "settings": cell_settings(cfg), "metrics": metrics})
+                              "settings": cell_settings(cfg), "metrics": metrics, "stamp": stamp})
         print(f"evaluated {run_dir} (epoch {epoch}): " + " ".join(
             f"{k} {v:.4f}" for k, v in flat_metrics(metrics).items()), file=sys.stderr)
     ratios = dict(sorted(ratios.items(), key=lambda kv: [-r for r in kv[1]["ratio"]]))
@@ -309,7 +352,8 @@ def write_outputs(folder, variants, skipped, args):
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     result = {"created": stamp, "model_root": os.path.abspath(folder),
               "test_data_root": os.path.abspath(args.test_data_root), "precision": args.precision,
-              "select": args.select, "variants": variants, "skipped": skipped}
+              "select": args.select, "test_stamp": args.test_stamp, "device": args.device_type,
+              "batch_size": args.batch_size, "variants": variants, "skipped": skipped}
     text = [f"# validation.py, {stamp}", f"# test data: {os.path.abspath(args.test_data_root)}",
             f"# precision: {PRECISION_TEXT[args.precision]}",
             f"# model selection (--select {args.select}): each run at the epoch of {SELECT_TEXT[args.select]}",
@@ -331,6 +375,7 @@ def main(argv=None):
         ensure_output_dir(folder, "--model_root")
     for vdir in variant_dirs:
         check_cells(vdir)
+    args.test_stamp, args.device_type, args.reused = folder_stamp(args.test_data_root), device.type, 0
     tests, models = TestImages(args.test_data_root, workers), Models(device)
     all_variants, all_skipped = {}, []
     for vdir in variant_dirs:
@@ -345,7 +390,8 @@ def main(argv=None):
     for s in all_skipped:
         print(f"skipped {s['run_dir']}: {s['reason']}")
     n = sum(len(e["runs"]) for r in all_variants.values() for e in r.values())
-    print(f"{n} run(s) evaluated, {len(all_skipped)} skipped; results in "
+    reused = f" ({args.reused} from their recorded evaluation)" if args.reused else ""
+    print(f"{n} run(s) evaluated{reused}, {len(all_skipped)} skipped; results in "
           f"{os.path.join(args.model_root, results_name(args.select, 'result_log', '.txt'))}")
     if n == 0 or (args.strict and all_skipped):
         sys.exit(1)

@@ -176,3 +176,42 @@ def test_summary_mean_std_and_authors_pick():
     assert abs(s["std"]["acc[a]"] - 0.3605551275463989) < 1e-12          # sample std of .2 .4 .9
     assert s["authors_pick"]["run_dir"] == "/x/run_2"                   # tie on Train Acc: lower run number
     assert validation.summarise(runs[:1])["std"]["acc[a]"] is None
+
+
+def test_a_run_whose_files_are_unchanged_keeps_its_recorded_evaluation_and_any_change_evaluates_it_again(
+        four_variants, image_data, tmp_path, monkeypatch, capsys):
+    save, _ = four_variants
+    root = tmp_path / "saved_runs"
+    for v in ("baseline", "proposed"):
+        shutil.copytree(save / v, root / v)
+    test = tmp_path / "valid"
+    shutil.copytree(image_data["valid"], test)
+    evaluated = []
+    real = validation.evaluate_run
+    monkeypatch.setattr(validation, "evaluate_run", lambda cfg, *a: evaluated.append(1)
+                        or real(cfg, *a))
+
+    def evaluate(*flags):
+        evaluated.clear()
+        validation.main(["--model_root", str(root), "--test_data_root", str(test), *flags])
+        return len(evaluated), json.load(open(root / "results.json"))
+
+    def metrics(res):
+        return [r["metrics"] for v in res["variants"].values() for e in v.values() for r in e["runs"]]
+
+    n, first = evaluate()
+    assert n == 2 and all("stamp" in r for v in first["variants"].values() for e in v.values() for r in e["runs"])
+    n, again = evaluate()
+    assert n == 0 and again["variants"] == first["variants"]
+    assert "2 run(s) evaluated (2 from their recorded evaluation)" in capsys.readouterr().out
+    log = next((root / "proposed").rglob("train.log"))
+    os.utime(log, ns=(log.stat().st_atime_ns, log.stat().st_mtime_ns + 10**9))      # the run changed: once more
+    n, again = evaluate()
+    assert n == 1 and metrics(again) == metrics(first)
+    assert evaluate()[0] == 0
+    assert evaluate("--reevaluate")[0] == 2
+    assert evaluate("--batch_size", "7")[0] == 2 and evaluate("--batch_size", "7")[0] == 0
+    shutil.copy(next((test / "roe-deer").iterdir()), test / "roe-deer" / "extra.png")   # another test set
+    n, changed = evaluate("--batch_size", "7")
+    assert n == 2 and sum(map(sum, changed["variants"]["baseline"]["1_0.1"]["runs"][0]["metrics"]
+                              ["confusion_matrix"])) == 17
