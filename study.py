@@ -32,7 +32,7 @@ import time
 import demo
 from losses import METHODS
 from runs import SELECT_RULES, file_sha256
-from utils import UserError, command_line, cpu_name, ensure_output_dir, run_main, write_json_atomic
+from utils import UserError, available_cpus, command_line, cpu_name, ensure_output_dir, run_main, write_json_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The seven Fashion-MNIST classes that neither condition uses: the backbone's pretraining data.
@@ -226,8 +226,8 @@ def main(argv=None):
     if args.probe:
         return probe(args, roots, weights)
     log = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "cpu": cpu_name(),
-           "cpus": os.cpu_count(), "regime": args.regime, "argv": sys.argv[1:] if argv is None else list(argv),
-           "conditions": {}}
+           "cpus": available_cpus(), "machine_cpus": os.cpu_count(), "regime": args.regime,
+           "argv": sys.argv[1:] if argv is None else list(argv), "conditions": {}}
     failed = []
     for cond in args.conditions:
         cmd = reproduce_command(args, cond, roots, weights)

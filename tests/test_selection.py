@@ -2,6 +2,7 @@
 backbone: each rule's pick, the weights evaluated under it, and fine-tuning from a backbone built here."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -143,3 +144,15 @@ def test_the_study_plans_both_regimes(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and "--ratios 0.1 0.01 0.005" in lines[0] and "backbone.pth" in lines[0]
     assert "--classes tshirt-top shirt" in lines[0] and " focal " not in lines[0]
+
+
+def test_the_study_records_its_time_machine_and_the_cpus_it_may_use(tmp_path, monkeypatch):
+    import study
+    import utils
+    monkeypatch.setattr(study.demo, "build_image_folders", lambda *a: {})
+    monkeypatch.setattr(study, "reproduce_command", lambda *a: [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(study, "available_cpus", lambda: 1)           # e.g. a Slurm or taskset limit of one CPU
+    study.main(["--save_root", str(tmp_path / "runs"), "--data_dir", str(tmp_path / "data"), "--conditions", "fine"])
+    log = json.load(open(tmp_path / "runs" / "study_time.json"))
+    assert log["cpus"] == 1 and log["machine_cpus"] == os.cpu_count() and log["cpu"] == utils.cpu_name()
+    assert log["regime"] == "scratch" and log["conditions"]["fine"]["exit"] == 0 and log["seconds"] >= 0
