@@ -271,7 +271,8 @@ def recorded_evaluations(variant_dir, args):
 
 def evaluate_variant(variant_dir, args, tests, models):
     """Evaluate every run of one variant -> (results dict, skipped list). A run whose weights were
-    removed after evaluation (runs.remove_weights) keeps its recorded evaluation."""
+    removed after evaluation (runs.remove_weights), or whose files are unchanged since it was evaluated
+    in the same conditions (recorded_evaluations), keeps its recorded evaluation."""
     ratios, skipped = {}, []
     recorded, reusable = recorded_evaluations(variant_dir, args)
     for ratio_name, run_dir in list_runs(variant_dir):
