@@ -278,9 +278,8 @@ def evaluate_variant(variant_dir, args, tests, models):
     for ratio_name, run_dir in list_runs(variant_dir):
         stamp = run_stamp(run_dir)
         removed = os.path.isfile(os.path.join(run_dir, WEIGHTS_REMOVED))
-        unchanged = reusable and run_dir in recorded and recorded[run_dir].get("stamp") == stamp
-        if (removed or unchanged) and run_dir in recorded:
-            run = recorded[run_dir]
+        run = recorded.get(run_dir)
+        if run is not None and (removed or (reusable and run.get("stamp") == stamp)):
             with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
                 cfg = json.load(f)
             check_classes(args.classes, cfg, run_dir)
