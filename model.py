@@ -151,4 +151,8 @@ def use_exact_float32():
     convolutions unless told otherwise): fp32 evaluation and --no-amp training are then exact float32.
     bf16 autocast regions are unaffected. No effect on CPU."""
     torch.backends.cuda.matmul.fp32_precision = "ieee"
-    torch.backends.cudnn.fp32_precision = "ieee"      # convolutions and RNNs alike
+    torch.backends.cudnn.fp32_precision = "ieee"
+    # each leaf too: a leaf set before (cuDNN's convolutions default to "tf32" on torch 2.11's CUDA
+    # builds) keeps its own value when only the parent changes
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
