@@ -152,7 +152,7 @@ def use_exact_float32():
     bf16 autocast regions are unaffected. No effect on CPU."""
     torch.backends.cuda.matmul.fp32_precision = "ieee"
     torch.backends.cudnn.fp32_precision = "ieee"
-    # each leaf too: a leaf set before (cuDNN's convolutions default to "tf32" on torch 2.11's CUDA
-    # builds) keeps its own value when only the parent changes
+    # each leaf too: cuDNN's convolution and RNN leaves default to "tf32", and on torch 2.11's CUDA
+    # build they kept it when only the parent was set (the H200 test caught it)
     torch.backends.cudnn.conv.fp32_precision = "ieee"
     torch.backends.cudnn.rnn.fp32_precision = "ieee"

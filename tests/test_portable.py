@@ -136,8 +136,8 @@ def test_float32_means_ieee_float32_in_training_and_evaluation(four_variants, im
     save, _ = four_variants
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.cudnn.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"            # a leaf set on its own (torch 2.11's
-    torch.backends.cudnn.rnn.fp32_precision = "tf32"             # CUDA default for convolutions)
+    torch.backends.cudnn.conv.fp32_precision = "tf32"            # the leaves set on their own, as
+    torch.backends.cudnn.rnn.fp32_precision = "tf32"             # their defaults are
     validation.main(["--model_root", str(save / "baseline"), "--test_data_root", image_data["valid"]])
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert torch.backends.cudnn.conv.fp32_precision == "ieee"
