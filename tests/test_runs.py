@@ -143,3 +143,20 @@ def test_a_weights_file_enters_the_fingerprint_by_its_content(tmp_path):
     os.utime(path, ns=(1, 10 ** 18))                            # another mtime, whatever the clock's resolution
     assert runs.run_settings(args, [1.0, 0.1], 1, "x")["weights"] != first["weights"]
     assert runs.run_settings({**args, "weights": "none"}, [1.0, 0.1], 1, "x")["weights"] == "none"
+
+
+def test_a_run_begun_with_the_loop_optimizer_resumes_with_it_and_says_so(image_data, tmp_path):
+    # a checkpoint of a version before the fused optimizer: its param_groups say fused None
+    with pytest.raises(SystemExit):
+        train.main(train_args(image_data["train"], str(tmp_path), "--num_epochs", "2"),
+                   epoch_done=interrupt_after_epoch(1))
+    run = tmp_path / "baseline" / "1_0.1" / "run_1"
+    assert json.load(open(run / "config.json"))["optimizer_impl"] == "fused"
+    state = torch.load(run / "last.pth", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["fused"] is True
+    state["optimizer"]["param_groups"][0]["fused"] = None
+    torch.save(state, run / "last.pth")
+    train.main(["--resume", str(run)])
+    cfg = json.load(open(run / "config.json"))
+    assert cfg["optimizer_impl"] == "fused" and cfg["resumed"][0]["optimizer_impl"] == "loop"
+    assert not torch.load(run / "last.pth", weights_only=True)["optimizer"]["param_groups"][0]["fused"]

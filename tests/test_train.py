@@ -101,8 +101,30 @@ def test_lr_and_num_workers_reach_the_optimizer_and_loader(image_data, tmp_path)
     assert opt["param_groups"][0]["lr"] == 0.01
     import train
     cfg = json.load(open(os.path.join(run, "config.json")))
+    # the optimizer that trained is the one config.json names (the fused and the loop implementations
+    # differ in the last bits)
+    assert opt["param_groups"][0]["fused"] is True and cfg["optimizer_impl"] == "fused"
     loader, _ = train.make_loader([0] * 4, [0, 0, 1, 1], cfg, torch.device("cpu"))
     assert loader.num_workers == 1 and not loader.pin_memory
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_every_optimizer_is_torchs_fused_one_and_steps_like_the_loop_to_1e_6(name):
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(20, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [train.make_optimizer(name, models[0].parameters(), 0.01),
+            {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name](
+                models[1].parameters(), lr=0.01, **({"momentum": 0.9} if name == "sgd" else {}))]
+    assert opts[0].defaults["fused"] is True and not opts[1].defaults.get("fused")
+    x, y = torch.randn(32, 20), torch.arange(32) % 3
+    for _ in range(20):
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
 def test_compile_wraps_the_forward_pass(image_data, tmp_path, monkeypatch):
