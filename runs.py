@@ -171,16 +171,14 @@ SLURM_ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "ar
              "node": "SLURMD_NODENAME"}
 
 
-def record_provenance(cfg, device, state, threads):
+def record_provenance(cfg, device, state, threads, optimizer):
     """Where and with what the run was made (with the Slurm job, array task and node when it ran as one,
-    and torch's thread count, the CPU's model and the optimizer's implementation, train.make_optimizer's,
-    which change the last bits of training); a resume appends its own entry and keeps the original."""
-    groups = ((state or {}).get("optimizer") or {}).get("param_groups") or [{"fused": True}]
+    and torch's thread count, the CPU's model and the optimizer's implementation, as the optimizer about
+    to train has it: these change the last bits of training); a resume appends its own entry and keeps
+    the original."""
     here = {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "device": str(device), "threads": threads, "host": platform.node(),
-            "cpu": cpu_name(),
-            # a resumed run goes on with the implementation its checkpoint was written with
-            "optimizer_impl": "fused" if groups[0].get("fused") else "loop"}
+            "cpu": cpu_name(), "optimizer_impl": "fused" if optimizer.param_groups[0].get("fused") else "loop"}
     if "SLURM_JOB_ID" in os.environ:
         here["slurm"] = {k: os.environ.get(v) for k, v in SLURM_ENV.items()}
     if "git_commit" not in cfg:

@@ -435,20 +435,21 @@ def train_run(run_dir, cfg, state, threads, epoch_done):
         if not state and not os.listdir(run_dir):
             os.rmdir(run_dir)  # nothing was written: give the number back
         raise
-    record_provenance(cfg, device, state, threads)
+    if device.type == "cuda" and a["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(a["optimizer"], model.parameters(), a["lr"])
+    if state:
+        optimizer.load_state_dict(state["optimizer"])   # with the implementation the checkpoint was written with
+    record_provenance(cfg, device, state, threads, optimizer)
     write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
     counts = ", ".join(f"{c}: {v['used']}" for c, v in cfg["counts"].items())
     print(f"{run_dir}: {cfg['variant']} ratio {ratio_text(cfg['ratio'])}, images {counts}, "
           f"seed {cfg['seed']}, device {device}, {threads} thread(s), cache {cfg['cache_bytes'] / 2**20:.0f} MiB",
           file=sys.stderr)
 
-    if device.type == "cuda" and a["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(a["optimizer"], model.parameters(), a["lr"])
     start, best = 1, {"train_acc": (None, -1.0), "balanced_train_acc": (None, -1.0)}
     if state:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"] + 1
         best = {"train_acc": (state["best_epoch"], state["best_train_acc"]),
                 "balanced_train_acc": tuple(state.get("best_balanced", (None, -1.0)))}
