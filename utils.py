@@ -7,7 +7,6 @@ in runs.py, the data pipeline in data.py, the model and loss in model.py.
 import argparse
 import contextlib
 import errno
-import io
 import json
 import math
 import os
@@ -192,15 +191,39 @@ def write_json_atomic(path, obj):
 
 
 def save_checkpoint(path, ckpt):
-    """torch.save through a temporary file: path always holds a complete checkpoint. The checkpoint is
-    serialised in memory first and written by Python, so that a full disk surfaces as an OSError
-    (WriteError) and not as torch's 'unexpected pos' RuntimeError."""
+    """torch.save straight into a temporary file: path always holds a complete checkpoint. Each tensor
+    goes to the file's write, which lets go of the GIL while the OS copies it: serialising to memory
+    first held the GIL for about 0.1 s per last.pth and slowed the training thread beside the background
+    writer (train / compute-only limit 0.72-0.77 against 0.84-0.85 at 32 px, docs/performance.md).
+    A refusing file system surfaces as the write's OSError (WriteError), not as the RuntimeError
+    ('unexpected pos') that torch.save makes of it."""
     def write(f):
-        buf = io.BytesIO()
-        with no_crc32():
-            torch.save(ckpt, buf)
-        f.write(buf.getbuffer())
+        out = _Writes(f)
+        try:
+            with no_crc32():
+                torch.save(ckpt, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error
+            raise
     _atomic_replace(path, write)
+
+
+class _Writes:
+    """A file's write and flush, keeping the OSError that a write raised."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 @contextlib.contextmanager

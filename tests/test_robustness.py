@@ -216,6 +216,31 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, mon
     assert os.listdir(tmp_path) == ["best.pth"]       # no temporary file left behind
 
 
+def test_a_disk_that_fills_while_torch_save_writes_gives_a_write_error_naming_the_file(tmp_path, monkeypatch):
+    """torch.save writes straight into the temporary file; a write that fails half-way (a full disk)
+    is reported as that OSError, naming the checkpoint, not as torch's 'unexpected pos' RuntimeError."""
+    import errno
+    import io
+    path = tmp_path / "last.pth"
+    utils.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    class FillingFile(io.BufferedWriter):
+        written = 0
+
+        def write(self, b):
+            n = memoryview(b).nbytes
+            if self.written + n > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += n
+            return super().write(b)
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FillingFile(io.FileIO(fd, "wb")))
+    with pytest.raises(utils.WriteError) as e:
+        utils.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(100_000)})
+    assert f"could not write {path}" in str(e.value) and "disk is full" in str(e.value)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pth"]       # no temporary file left behind
+
+
 # ---------------------------------------------------------------- unsafe checkpoints
 
 class Payload:
