@@ -275,57 +275,107 @@ def _blend(x, other, ratio):
     return torch.addcmul(x.mul(ratio), other, 1 - ratio).clamp_(0, 255).to(torch.uint8)
 
 
-def _grouped(images, keys, fn):
-    """fn(batch, key, indices) once per distinct key, on the stacked images that hold it -> new list."""
-    out = list(images)
-    for key in set(keys):
-        idx = [i for i, k in enumerate(keys) if k == key]
-        for i, y in zip(idx, fn(torch.stack([out[i] for i in idx]), key, idx)):
-            out[i] = y
-    return out
+# RandAugment's operations that, with its nearest interpolation and no fill, only move pixels (or fill
+# them with 0), and those that map each uint8 value to another whatever the rest of the image holds
+MOVES_PIXELS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+MAPS_VALUES = ("Brightness", "Posterize", "Solarize")
 
 
 class PaperAugment:
     """RandAugment then ColorJitter on uint8 (3, S, S) images, drawn per image: the same random draws,
     in the same order, as v2.Compose([v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)]) image after
-    image, and the same pixels (tests check both). Called on a list of images (a batch), it first makes
-    every image's draws, then runs each operation once per group of images that drew the same one
-    (RandAugment: the same operation and signed magnitude, at most 23 for each of its operations; ColorJitter:
-    the same order of its three operations, at most 6) instead of once per image."""
+    image, and the same pixels (tests check both, for every operation and sign). Called on a list of
+    images (a batch), it first makes every image's draws, then applies each step to the whole batch
+    at once where it can:
+      - an operation that moves pixels (shear, translate, rotate, at its one magnitude and sign) is a
+        fixed map from output to input pixel for an S x S image: torchvision's own operation applied
+        once to an image of pixel numbers gives it, and one gather applies every image's map;
+      - Brightness, Posterize and Solarize map each uint8 value to one value: torchvision's operation
+        applied once to the 256 values gives the table, and one gather applies every image's table;
+      - the others (Color, Contrast, Sharpness, AutoContrast, Equalize) run once per group of images
+        that drew the same operation and magnitude;
+      - ColorJitter's three operations run once per position in its drawn order and operation, with
+        one factor per image."""
 
     def __init__(self):
         self.randaugment, self.jitter = v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)
-        self._magnitudes = {}   # (operation, H, W) -> its magnitude at RandAugment's bin, or None
+        self._spaces = {}       # (H, W) -> RandAugment's operations with their magnitudes
+        self._tables = {}       # (operation, magnitude, H, W) -> its pixel map or value table
+        j = self.jitter
+        assert j.hue is None and None not in (j.brightness, j.contrast, j.saturation)
+        self._jitter_ranges = (j.brightness, j.contrast, j.saturation)
 
-    def _magnitude(self, name, magnitudes_fn, h, w):
-        """RandAugment's magnitude of an operation for an H x W image: a pure function of them (no random
-        draw), computed once instead of once per image."""
-        key = (name, h, w)
-        if key not in self._magnitudes:
+    def _gathers(self):
+        """Whether pixel maps and value tables apply: RandAugment's nearest interpolation and no fill
+        (its defaults); otherwise every operation runs per group."""
+        ra = self.randaugment
+        return (v2.InterpolationMode(ra.interpolation) == v2.InterpolationMode.NEAREST
+                and all(f is None for f in ra._fill.values()))
+
+    def _space(self, h, w):
+        """RandAugment's operations as (name, signed, magnitude or None) for an H x W image, in the order it
+        draws them from: the magnitudes are a pure function of the size (no random draw), computed once."""
+        if (h, w) not in self._spaces:
             ra = self.randaugment
-            magnitudes = magnitudes_fn(ra.num_magnitude_bins, h, w)
-            self._magnitudes[key] = None if magnitudes is None else float(magnitudes[ra.magnitude])
-        return self._magnitudes[key]
+            space = []
+            for name, (magnitudes_fn, signed) in ra._AUGMENTATION_SPACE.items():
+                magnitudes = magnitudes_fn(ra.num_magnitude_bins, h, w)
+                space.append((name, signed, None if magnitudes is None else float(magnitudes[ra.magnitude])))
+            self._spaces[h, w] = space
+        return self._spaces[h, w]
 
     def _draw(self, x):
-        """-> ([(operation, magnitude)] of RandAugment, ColorJitter's order, its 3 factors), drawn as
-        RandAugment.forward and ColorJitter.make_params draw them."""
-        ra, ops = self.randaugment, []
-        for _ in range(ra.num_ops):
-            name, (magnitudes_fn, signed) = ra._get_random_item(ra._AUGMENTATION_SPACE)
-            magnitude = self._magnitude(name, magnitudes_fn, x.shape[-2], x.shape[-1])
+        """-> ([(operation, magnitude)] of RandAugment, ColorJitter's order, its 3 factors), the draws that
+        RandAugment.forward and ColorJitter.make_params make, in their order."""
+        space, ops = self._space(x.shape[-2], x.shape[-1]), []
+        for _ in range(self.randaugment.num_ops):
+            name, signed, magnitude = space[int(torch.randint(len(space), ()))]
             if magnitude is None:
                 magnitude = 0.0
             elif signed and torch.rand(()) <= 0.5:
                 magnitude *= -1
             ops.append((name, magnitude))
-        p = self.jitter.make_params([x])
-        order = tuple(i for i in p["fn_idx"].tolist() if i < 3)   # 0 brightness, 1 contrast, 2 saturation
-        return ops, order, (p["brightness_factor"], p["contrast_factor"], p["saturation_factor"])
+        order = tuple(i for i in torch.randperm(4).tolist() if i < 3)   # 0 brightness, 1 contrast, 2 saturation
+        return ops, order, tuple(float(torch.empty(1).uniform_(*r).item()) for r in self._jitter_ranges)
 
-    def _randaugment_op(self, x, op, idx):
+    def _randaugment_op(self, x, op):
         ra = self.randaugment
         return ra._apply_image_or_video_transform(x, op[0], op[1], interpolation=ra.interpolation, fill=ra._fill)
+
+    def _table(self, op, h, w):
+        """An operation of MOVES_PIXELS: for each output pixel of an H x W image, the input pixel it
+        takes (h * w: the fill, 0), as torchvision computes it on pixel numbers 1..h*w in float32, the
+        grid and dtype it uses for a uint8 image. One of MAPS_VALUES: its 256 uint8 outputs."""
+        key = (*op, h, w)
+        if key not in self._tables:
+            if op[0] in MOVES_PIXELS:
+                numbers = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w)
+                taken = self._randaugment_op(numbers, op).flatten().long() - 1
+                self._tables[key] = torch.where(taken < 0, h * w, taken)
+            else:
+                self._tables[key] = self._randaugment_op(torch.arange(256, dtype=torch.uint8).view(1, 1, 256),
+                                                         op).flatten()
+        return self._tables[key]
+
+    def _randaugment_step(self, x, ops):
+        """Apply ops[i] (an operation and its magnitude) to image x[i] of the (n, 3, H, W) batch, in place."""
+        n, c, h, w = x.shape
+        gathers = self._gathers()
+        moves = [i for i, op in enumerate(ops) if op[0] in MOVES_PIXELS and op[0] != "Identity"] if gathers else []
+        values = [i for i, op in enumerate(ops) if op[0] in MAPS_VALUES] if gathers else []
+        if moves:
+            where = torch.stack([self._table(ops[i], h, w) for i in moves]).unsqueeze(1).expand(-1, c, -1)
+            flat = torch.cat([x[moves].flatten(2), x.new_zeros(len(moves), c, 1)], dim=2)
+            x[moves] = flat.gather(2, where).view(-1, c, h, w)
+        if values:
+            tables = torch.stack([self._table(ops[i], h, w) for i in values])
+            x[values] = tables.gather(1, x[values].flatten(1).long()).view(-1, c, h, w)
+        rest, done = {}, set(moves) | set(values)
+        for i, op in enumerate(ops):
+            if op[0] != "Identity" and i not in done:
+                rest.setdefault(op, []).append(i)
+        for op, idx in rest.items():
+            x[idx] = self._randaugment_op(x[idx], op)
 
     def __call__(self, images, seeds=None):
         """images: one (3, S, S) uint8 tensor or a list of them. seeds: None (draw from torch's global
@@ -341,21 +391,23 @@ class PaperAugment:
                 for x, s in zip(images, seeds, strict=True):
                     torch.default_generator.manual_seed(s)
                     drawn.append(self._draw(x))
+        x = torch.stack(images)
         for k in range(self.randaugment.num_ops):
-            images = _grouped(images, [d[0][k] for d in drawn], self._randaugment_op)
+            self._randaugment_step(x, [d[0][k] for d in drawn])
         factors = torch.tensor([d[2] for d in drawn], dtype=torch.float32)   # drawn in float32: exact
-
-        def jitter(x, order, idx):
-            for op in order:
-                r = factors[idx, op].view(-1, 1, 1, 1)
+        for position in range(3):
+            for op in range(3):
+                idx = [i for i, d in enumerate(drawn) if d[1][position] == op]
+                if not idx:
+                    continue
+                y, r = x[idx], factors[idx, op].view(-1, 1, 1, 1)
                 if op == 0:
-                    x = x.mul(r).clamp_(0, 255).to(torch.uint8)
+                    x[idx] = y.mul(r).clamp_(0, 255).to(torch.uint8)
                 elif op == 1:
-                    x = _blend(x, _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), r)
+                    x[idx] = _blend(y, _grayscale(y).mean(dim=(-3, -2, -1), keepdim=True), r)
                 else:
-                    x = _blend(x, _grayscale(x), r)
-            return x
-        return _grouped(images, [d[1] for d in drawn], jitter)
+                    x[idx] = _blend(y, _grayscale(y), r)
+        return list(x.unbind(0))
 
 
 class ImageSet(Dataset):

@@ -167,6 +167,35 @@ def test_paper_augmentation_of_a_batch_equals_torchvision_per_image():
     assert all(torch.equal(a, b) for a, b in zip(ours, expected))
 
 
+def test_every_randaugment_operation_and_sign_on_a_batch_equals_torchvision_image_by_image():
+    """Each of RandAugment's operations at its magnitude, with both signs, applied to a shuffled batch in
+    one step (pixel maps, value tables, groups) gives torchvision's own operation's pixels image by image,
+    at 32, 40 and 64 px; with a bilinear RandAugment (no maps: every operation per group) too."""
+    from torchvision.transforms import v2
+    gen = torch.Generator().manual_seed(2)
+    for size, interpolation in ((32, None), (40, None), (64, None), (32, v2.InterpolationMode.BILINEAR)):
+        aug = data.PaperAugment()
+        if interpolation is not None:
+            aug.randaugment = v2.RandAugment(interpolation=interpolation)
+        ra = aug.randaugment
+        assert aug._gathers() == (interpolation is None)
+        assert set(data.MOVES_PIXELS + data.MAPS_VALUES) <= set(ra._AUGMENTATION_SPACE)
+        ops = [(name, sign * (magnitude or 0.0)) for name, signed, magnitude in aug._space(size, size)
+               for sign in ((1, -1) if signed and magnitude else (1,))] * 3
+        ops = [ops[i] for i in torch.randperm(len(ops), generator=gen)]
+        assert len({name for name, _ in ops}) == 14 and len(set(ops)) == 23
+        flat = torch.randint(0, 256, (len(ops), 3, 1, 1), generator=gen) * torch.rand(len(ops), 1, size, size,
+                                                                                     generator=gen)
+        noise = torch.randint(0, 256, (len(ops), 3, size, size), dtype=torch.uint8, generator=gen)
+        images = torch.where(torch.arange(len(ops)).view(-1, 1, 1, 1) % 2 == 0, flat.round().to(torch.uint8), noise)
+        x = images.clone()
+        aug._randaugment_step(x, ops)
+        for image, out, (name, magnitude) in zip(images, x, ops):
+            expected = ra._apply_image_or_video_transform(image, name, magnitude, interpolation=ra.interpolation,
+                                                          fill=ra._fill)
+            assert torch.equal(out, expected), (size, name, magnitude)
+
+
 def test_cached_pixels_equal_torchvision_resize_on_pil(tmp_path):
     """The cache holds exactly what ImageFolder + transforms.Resize((S, S)) would give."""
     import numpy as np
