@@ -10,6 +10,7 @@ programs, read by report.py), or result_log_<rule>.txt and results_<rule>.json u
 with a saved_runs root, also one pair per variant folder. Test images are decoded once per image size
 and shared by every run.
 """
+import copy
 import hashlib
 import json
 import os
@@ -269,6 +270,12 @@ def recorded_evaluations(variant_dir, args):
             for run in entry["runs"]}, reusable
 
 
+# (run, its files' stamp, epoch, test folder and its stamp, precision, batch size, device, threads) -> the
+# metrics of that evaluation: where rules pick the same epoch of a run, its weights are evaluated once per
+# process (reproduce.py and study.py evaluate under each rule in turn, in one process)
+_EVALUATED = {}
+
+
 def evaluate_variant(variant_dir, args, tests, models):
     """Evaluate every run of one variant -> (results dict, skipped list). A run whose weights were
     removed after evaluation (runs.remove_weights), or whose files are unchanged since it was evaluated
@@ -296,13 +303,20 @@ def evaluate_variant(variant_dir, args, tests, models):
             skipped.append({"run_dir": run_dir, "reason": str(e)})
             print(f"skipped {run_dir}: {e}", file=sys.stderr)
             continue
-        metrics = evaluate_run(cfg, ckpt, tests, models, args.batch_size, args.precision)
+        key = (os.path.abspath(run_dir), json.dumps(stamp, sort_keys=True), epoch,
+               os.path.abspath(args.test_data_root), args.test_stamp, args.precision, args.batch_size,
+               args.device_type, torch.get_num_threads())
+        again = key in _EVALUATED
+        if not again:
+            _EVALUATED[key] = evaluate_run(cfg, ckpt, tests, models, args.batch_size, args.precision)
+        metrics = copy.deepcopy(_EVALUATED[key])
         ratio = cfg["observed_ratio"] if cfg["ratio"] == "all" else cfg["ratio"]   # 'all': what the folder held
         entry = ratios.setdefault(ratio_name, {"ratio": ratio, "classes": cfg["classes"], "runs": []})
         entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": ckpt.get("train_acc", acc_at(run_dir, epoch)),
                               "img_size": cfg["args"]["img_size"], "fingerprint": cfg.get("fingerprint"),
                               "settings": cell_settings(cfg), "metrics": metrics, "stamp": stamp})
-        print(f"evaluated {run_dir} (epoch {epoch}): " + " ".join(
+        print(f"evaluated {run_dir} (epoch {epoch}{'; evaluated under another rule in this process' if again else ''}"
+              f"): " + " ".join(
             f"{k} {v:.4f}" for k, v in flat_metrics(metrics).items()), file=sys.stderr)
     ratios = dict(sorted(ratios.items(), key=lambda kv: [-r for r in kv[1]["ratio"]]))
     for ratio_name, entry in ratios.items():
