@@ -272,7 +272,7 @@ def recorded_evaluations(variant_dir, args):
 
 # (run, its files' stamp, epoch, test folder and its stamp, precision, batch size, device, threads) -> the
 # metrics of that evaluation: where rules pick the same epoch of a run, its weights are evaluated once per
-# process (reproduce.py and study.py evaluate under each rule in turn, in one process)
+# process (reproduce.py and study.py evaluate under each rule in turn, in one process); not with --reevaluate
 _EVALUATED = {}
 
 
@@ -306,7 +306,7 @@ def evaluate_variant(variant_dir, args, tests, models):
         key = (os.path.abspath(run_dir), json.dumps(stamp, sort_keys=True), epoch,
                os.path.abspath(args.test_data_root), args.test_stamp, args.precision, args.batch_size,
                args.device_type, torch.get_num_threads())
-        again = key in _EVALUATED
+        again = key in _EVALUATED and not args.reevaluate     # --reevaluate: evaluated afresh, always
         if not again:
             _EVALUATED[key] = evaluate_run(cfg, ckpt, tests, models, args.batch_size, args.precision)
         metrics = copy.deepcopy(_EVALUATED[key])

@@ -87,7 +87,7 @@ def test_an_epoch_that_two_rules_pick_is_evaluated_once_per_process_with_the_sam
         image_data, tmp_path, forced_epochs, monkeypatch):
     """train_acc and balanced_train_acc both pick epoch 2, last picks epoch 3: evaluating under the three
     rules in one process (as reproduce.py does) evaluates two sets of weights, and each rule's results
-    equal a direct evaluation of its epoch's weight file; a fresh process evaluates again."""
+    equal a direct evaluation of its epoch's weight file; --reevaluate and a fresh process evaluate again."""
     forced_epochs.values = {1: (0.6, [0.6, 0.6]), 2: (0.9, [0.9, 0.9]), 3: (0.7, [0.7, 0.7])}
     run = train.main(train_args(image_data["train"], tmp_path, "--num_epochs", "3", "--no-keep_last"))
     files = {2: evaluate_file(os.path.join(run, "best.pth"), image_data["valid"])[1],
@@ -101,16 +101,17 @@ def test_an_epoch_that_two_rules_pick_is_evaluated_once_per_process_with_the_sam
     monkeypatch.setattr(validation, "_EVALUATED", {})
     variant = os.path.dirname(os.path.dirname(run))
     for rule, epoch in (("train_acc", 2), ("balanced_train_acc", 2), ("last", 3)):
-        validation.main(["--model_root", variant, "--test_data_root", image_data["valid"], "--select", rule,
-                         "--reevaluate"])
+        validation.main(["--model_root", variant, "--test_data_root", image_data["valid"], "--select", rule])
         res = json.load(open(os.path.join(variant, validation.results_name(rule))))
         r = res["variants"]["baseline"]["1_0.1"]["runs"][0]
         assert r["best_epoch"] == epoch and r["metrics"]["confusion_matrix"] == files[epoch], rule
     assert calls == [2, 3]
-    monkeypatch.setattr(validation, "_EVALUATED", {})             # another process
     validation.main(["--model_root", variant, "--test_data_root", image_data["valid"], "--select",
-                     "balanced_train_acc", "--reevaluate"])
-    assert calls == [2, 3, 2]
+                     "balanced_train_acc", "--reevaluate"])                 # asked for: evaluated afresh
+    monkeypatch.setattr(validation, "_EVALUATED", {})             # another process
+    os.remove(os.path.join(variant, validation.results_name("last")))
+    validation.main(["--model_root", variant, "--test_data_root", image_data["valid"], "--select", "last"])
+    assert calls == [2, 3, 2, 3]
 
 
 def test_the_paper_rule_stays_the_default_and_results_name_the_rule(four_variants):
