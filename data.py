@@ -277,7 +277,8 @@ def _blend(x, other, ratio):
 
 # RandAugment's operations that, with its nearest interpolation and no fill, only move pixels (or fill
 # them with 0), and those that map each uint8 value to another whatever the rest of the image holds
-MOVES_PIXELS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+# (its Identity changes nothing and is skipped)
+MOVES_PIXELS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 MAPS_VALUES = ("Brightness", "Posterize", "Solarize")
 
 
@@ -359,9 +360,9 @@ class PaperAugment:
 
     def _randaugment_step(self, x, ops):
         """Apply ops[i] (an operation and its magnitude) to image x[i] of the (n, 3, H, W) batch, in place."""
-        n, c, h, w = x.shape
+        c, h, w = x.shape[1:]
         gathers = self._gathers()
-        moves = [i for i, op in enumerate(ops) if op[0] in MOVES_PIXELS and op[0] != "Identity"] if gathers else []
+        moves = [i for i, op in enumerate(ops) if op[0] in MOVES_PIXELS] if gathers else []
         values = [i for i, op in enumerate(ops) if op[0] in MAPS_VALUES] if gathers else []
         if moves:
             where = torch.stack([self._table(ops[i], h, w) for i in moves]).unsqueeze(1).expand(-1, c, -1)

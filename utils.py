@@ -194,7 +194,7 @@ def save_checkpoint(path, ckpt):
     """torch.save straight into a temporary file: path always holds a complete checkpoint. Each tensor
     goes to the file's write, which lets go of the GIL while the OS copies it: serialising to memory
     first held the GIL for about 0.1 s per last.pth and slowed the training thread beside the background
-    writer (train / compute-only limit 0.72-0.77 against 0.84-0.85 at 32 px, docs/performance.md).
+    writer (docs/performance.md, "The data path at 32 px").
     A refusing file system surfaces as the write's OSError (WriteError), not as the RuntimeError
     ('unexpected pos') that torch.save makes of it."""
     def write(f):
