@@ -229,10 +229,12 @@ def plan(args, passthrough):
 # ---------------------------------------------------------------- running
 
 def run_in_process(cmd):
-    """Sequential cells run train.main in this process: the same code, without re-importing torch."""
-    import train
+    """Sequential cells run train.main (cmd[0] 'train.py'; 'validation.py' for the evaluation side by
+    side) in this process: the same code, without re-importing torch."""
+    import importlib
+    script = importlib.import_module(os.path.splitext(cmd[0])[0])
     try:
-        train.main(cmd[1:])
+        script.main(cmd[1:])
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -358,30 +360,85 @@ def main(argv=None):
           + (f", {threads} thread(s) each" if threads else ""), flush=True)
     failed = train_all(args, todo, jobs, threads) if todo else []
     if args.task_id is None and args.test_data_root:
-        evaluate(args)
+        evaluate(args, jobs, threads)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {' '.join(failed)}; re-run the same command to retry them")
 
 
-def evaluate(args):
-    """validation.py on the whole save root, then report.py; first, the planned cells without a finished run."""
+def evaluate(args, jobs=1, threads=None):
+    """validation.py on the whole save root under each rule, then report.py; first, the planned cells
+    without a finished run. Cells side by side on a CPU are evaluated side by side too, with their
+    threads (evaluate_side_by_side); the pass over the whole root then finds their recorded evaluations."""
     import report
     import validation
     missing = [d for d in (cell_command(args, [], cell)[0] for cell in grid(args)) if not is_complete(d)]
     if missing:
         print(f"{len(missing)} planned cell(s) have no finished run (failed, or not run yet), left out of the "
               f"tables:\n" + "\n".join(f"  missing {d}" for d in missing), flush=True)
-    for rule in dict.fromkeys(args.select):
-        val = ["--model_root", args.save_root, "--test_data_root", args.test_data_root, "--classes", *args.classes,
-               "--precision", args.eval_precision, "--select", rule]
+    rules = list(dict.fromkeys(args.select))
+    cpu = on_cpu(args)
+    base = ["--test_data_root", args.test_data_root, "--classes", *args.classes, "--precision", args.eval_precision,
+            *(["--threads", str(threads)] if cpu and threads else [])]
+    if cpu and jobs > 1:
+        evaluate_side_by_side(args, base, rules, jobs)
+    for rule in rules:
         try:
-            validation.main(val)
+            validation.main(["--model_root", args.save_root, *base, "--select", rule])
         except SystemExit as e:
             if e.code:
                 raise UserError(f"validation.py --select {rule} evaluated nothing under {args.save_root}")
         report.main(["--save_root", args.save_root, "--select", rule]
                     + (["--reference", args.reference] if args.reference else [])
                     + (["--paper", args.paper] if args.paper else []))
+
+
+def evaluate_side_by_side(args, base, rules, jobs):
+    """Each variant folder evaluated under every rule in a worker slot, jobs at once, with the cells'
+    threads (base) and decoding in the slot's own process; output in reproduce_logs/evaluate_<variant>.txt.
+    A slot evaluates an epoch that two rules choose once (validation.py's per-process reuse). Nothing
+    here is final: a variant that fails is evaluated, or reported, by the pass over the whole root."""
+    import validation
+    try:
+        variants = validation.find_variant_dirs(args.save_root)
+    except UserError:
+        return                                          # the pass over the whole root says what is wrong
+    if len(variants) < 2:
+        return
+    base = base + ["--num_workers", "0"]
+    log_dir = os.path.join(args.save_root, "reproduce_logs")
+    os.makedirs(log_dir, exist_ok=True)
+    slots = queue.Queue()
+    for _ in range(min(jobs, len(variants))):
+        slots.put(cpu_slot())
+    lock, count, t_all = threading.Lock(), [0], time.time()
+
+    def one(vdir):
+        slot, t0 = slots.get(), time.time()
+        name = os.path.basename(os.path.normpath(vdir))
+        log = os.path.join(log_dir, f"evaluate_{name}.txt")
+        try:
+            codes = [slot.submit(run_logged, ["validation.py", "--model_root", vdir, *base, "--select", rule],
+                                 log).result() for rule in rules]
+        except cf.process.BrokenProcessPool:            # the worker died (out of memory, killed): a new one
+            codes, slot = [1], slot.shutdown() or cpu_slot()
+        finally:
+            slots.put(slot)
+        with lock:
+            count[0] += 1
+            status = "done" if not any(codes) else f"left to the pass below (exit {max(codes)}, see {log})"
+            print(f"[{count[0]}/{len(variants)}] evaluated {vdir} under {len(rules)} rule(s): {status} in "
+                  f"{time.time() - t0:.0f}s", flush=True)
+        if 130 in codes:
+            raise KeyboardInterrupt
+
+    print(f"evaluating {len(variants)} variant(s), {slots.qsize()} at once", flush=True)
+    try:
+        with cf.ThreadPoolExecutor(slots.qsize()) as pool:
+            list(pool.map(one, variants))
+    finally:
+        while not slots.empty():
+            slots.get().shutdown(cancel_futures=True)
+    print(f"evaluated side by side in {time.time() - t_all:.0f}s", flush=True)
 
 
 def _on_sigterm(signum, frame):

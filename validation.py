@@ -22,7 +22,7 @@ import torch
 
 import data
 from model import build_model, confusion_matrix, head_of, metrics_from_confusion, use_exact_float32
-from train import DEVICES, resolve_device
+from train import DEVICES, check_threads, resolve_device, use_threads
 from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, WEIGHT_FILES, WEIGHTS_REMOVED, RunNotReady, fingerprint,
                   is_complete, load_best, parse_train_log, run_number, run_settings, setting_differences)
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, run_main, write_json_atomic,
@@ -40,6 +40,8 @@ def get_args_parser():
     p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: min(8, CPUs this process "
                    "may use); 0 = decode in this process")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the evaluation (default: torch's; "
+                   "reproduce.py passes its cells' --threads). Like training's, the count can move a logit's last bits")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32 (default): exact float32 (TF32 off on CUDA), the same predictions on every "
                         "machine up to its float32 kernels; bf16: bf16 autocast, faster where the hardware runs "
@@ -314,7 +316,8 @@ def evaluate_variant(variant_dir, args, tests, models):
         entry = ratios.setdefault(ratio_name, {"ratio": ratio, "classes": cfg["classes"], "runs": []})
         entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": ckpt.get("train_acc", acc_at(run_dir, epoch)),
                               "img_size": cfg["args"]["img_size"], "fingerprint": cfg.get("fingerprint"),
-                              "settings": cell_settings(cfg), "metrics": metrics, "stamp": stamp})
+                              "settings": cell_settings(cfg), "metrics": metrics, "stamp": stamp,
+                              "threads": torch.get_num_threads()})
         print(f"evaluated {run_dir} (epoch {epoch}{'; evaluated under another rule in this process' if again else ''}"
               f"): " + " ".join(
             f"{k} {v:.4f}" for k, v in flat_metrics(metrics).items()), file=sys.stderr)
@@ -379,6 +382,16 @@ def write_outputs(folder, variants, skipped, args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    check_threads(args.threads)
+    before = torch.get_num_threads()
+    try:
+        use_threads(args.threads)
+        evaluate_all(args)
+    finally:
+        torch.set_num_threads(before)    # reproduce.py evaluates in its own process: its count back
+
+
+def evaluate_all(args):
     use_exact_float32()
     device = resolve_device(args.device)
     variant_dirs = find_variant_dirs(args.model_root)

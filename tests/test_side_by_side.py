@@ -64,6 +64,29 @@ def test_cells_side_by_side_equal_the_same_cells_one_at_a_time(image_data, tmp_p
     assert "0 run(s) to train, 4 already complete" in capsys.readouterr().out
 
 
+def test_evaluation_side_by_side_equals_the_same_evaluation_one_at_a_time(image_data, tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.setattr(reproduce, "available_cpus", lambda: 2)
+    evaluate = ["--test_data_root", image_data["valid"], "--select", "train_acc", "last"]
+    reproduce.main(grid(image_data, tmp_path / "alone", "--jobs", "1", "--threads", "1", *evaluate))
+    out = capsys.readouterr().out
+    assert "evaluating" not in out and not (tmp_path / "alone" / "reproduce_logs").exists()
+    reproduce.main(grid(image_data, tmp_path / "together", *evaluate))   # 2 jobs x 1 thread
+    out = capsys.readouterr().out
+    assert "evaluating 2 variant(s), 2 at once" in out and out.count("under 2 rule(s): done") == 2
+    assert out.count("4 run(s) evaluated (4 from their recorded evaluation)") == 2   # the pass over the root
+    for variant in ("baseline", "proposed"):
+        log = (tmp_path / "together" / "reproduce_logs" / f"evaluate_{variant}.txt").read_text()
+        assert log.count("evaluated ") >= 2 and "evaluated under another rule in this process" in log
+    for name in ("results.json", "results_last.json"):
+        alone, together = (json.load(open(tmp_path / root / name)) for root in ("alone", "together"))
+        runs = [{r["run_dir"].replace(root, ""): (r["best_epoch"], r["metrics"], r["threads"])
+                 for ratios in res["variants"].values() for e in ratios.values() for r in e["runs"]}
+                for root, res in ((str(tmp_path / "alone"), alone), (str(tmp_path / "together"), together))]
+        assert len(runs[0]) == 4 and runs[0] == runs[1], name        # 1 thread each: the same numbers
+        assert all(t == 1 for _, _, t in runs[0].values())
+
+
 def test_a_cell_run_in_this_process_gives_back_the_thread_count(image_data, tmp_path):
     import train
     before = torch.get_num_threads()
