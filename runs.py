@@ -280,6 +280,15 @@ def select_epoch(epochs, rule):
     return best_epoch([(e[0], e[k]) for e in epochs if math.isfinite(e[k])])
 
 
+def chosen_epoch(run_dir, rule="train_acc"):
+    """The epoch load_best chooses under rule, from train.log alone (no weights read) -> (epoch, the
+    value the rule chose it by), or None where train.log is missing or holds no complete epoch."""
+    try:
+        return select_epoch(parse_epochs(os.path.join(run_dir, "train.log")), rule)
+    except (OSError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------- loading a trained run
 
 class RunNotReady(Exception):

@@ -24,7 +24,7 @@ import data
 from model import build_model, confusion_matrix, head_of, metrics_from_confusion, use_exact_float32
 from train import DEVICES, check_threads, resolve_device, use_threads
 from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, WEIGHT_FILES, WEIGHTS_REMOVED, RunNotReady, fingerprint,
-                  is_complete, load_best, parse_train_log, run_number, run_settings, setting_differences)
+                  chosen_epoch, is_complete, load_best, parse_train_log, run_number, run_settings, setting_differences)
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, run_main, write_json_atomic,
                    write_text_atomic)
 
@@ -173,6 +173,20 @@ class TestImages:
         return self.cache[key]
 
 
+_TEST_IMAGES = {}      # (test folder, its folder_stamp) -> the TestImages last made in this process
+
+
+def test_images(root, stamp, num_workers):
+    """root's TestImages, kept across calls in this process while the folder's listing is unchanged
+    (reproduce.py evaluates under each rule in turn): its images are decoded once. Only the last
+    folder is kept."""
+    key = (os.path.abspath(root), stamp)
+    if key not in _TEST_IMAGES:
+        _TEST_IMAGES.clear()
+        _TEST_IMAGES[key] = TestImages(root, num_workers)
+    return _TEST_IMAGES[key]
+
+
 class Models:
     """One resnet18 per (number of classes, head), on the device in channels_last (faster on CPU and
     CUDA); each run only loads its weights into it, instead of building and initialising a new model."""
@@ -272,9 +286,10 @@ def recorded_evaluations(variant_dir, args):
             for run in entry["runs"]}, reusable
 
 
-# (run, its files' stamp, epoch, test folder and its stamp, precision, batch size, device, threads) -> the
-# metrics of that evaluation: where rules pick the same epoch of a run, its weights are evaluated once per
-# process (reproduce.py and study.py evaluate under each rule in turn, in one process); not with --reevaluate
+# (run, its files' stamp, epoch, test folder and its stamp, precision, batch size, device, threads) ->
+# (the metrics of that evaluation, the epoch's Train Acc): where rules pick the same epoch of a run, its
+# weights are read and evaluated once per process (reproduce.py and study.py evaluate under each rule in
+# turn, in one process; so does each of reproduce.py's worker slots); not with --reevaluate
 _EVALUATED = {}
 
 
@@ -299,22 +314,30 @@ def evaluate_variant(variant_dir, args, tests, models):
             print(f"recorded evaluation of {run_dir} (epoch {run['best_epoch']}; {why})", file=sys.stderr)
             args.reused += 1
             continue
-        try:
-            cfg, ckpt, epoch, _ = inspect_run(run_dir, args.classes, args.select)
-        except Skip as e:
-            skipped.append({"run_dir": run_dir, "reason": str(e)})
-            print(f"skipped {run_dir}: {e}", file=sys.stderr)
-            continue
-        key = (os.path.abspath(run_dir), json.dumps(stamp, sort_keys=True), epoch,
-               os.path.abspath(args.test_data_root), args.test_stamp, args.precision, args.batch_size,
-               args.device_type, torch.get_num_threads())
-        again = key in _EVALUATED and not args.reevaluate     # --reevaluate: evaluated afresh, always
-        if not again:
-            _EVALUATED[key] = evaluate_run(cfg, ckpt, tests, models, args.batch_size, args.precision)
-        metrics = copy.deepcopy(_EVALUATED[key])
+        def key(epoch):
+            return (os.path.abspath(run_dir), json.dumps(stamp, sort_keys=True), epoch,
+                    os.path.abspath(args.test_data_root), args.test_stamp, args.precision, args.batch_size,
+                    args.device_type, torch.get_num_threads())
+        pick = chosen_epoch(run_dir, args.select)         # from train.log: a repeat reads no weights
+        again = pick is not None and key(pick[0]) in _EVALUATED and not args.reevaluate   # --reevaluate: afresh
+        if again:
+            with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+                cfg = json.load(f)
+            check_classes(args.classes, cfg, run_dir)
+            epoch = pick[0]
+        else:
+            try:
+                cfg, ckpt, epoch, _ = inspect_run(run_dir, args.classes, args.select)
+            except Skip as e:
+                skipped.append({"run_dir": run_dir, "reason": str(e)})
+                print(f"skipped {run_dir}: {e}", file=sys.stderr)
+                continue
+            _EVALUATED[key(epoch)] = (evaluate_run(cfg, ckpt, tests, models, args.batch_size, args.precision),
+                                      ckpt.get("train_acc", acc_at(run_dir, epoch)))
+        metrics, train_acc = copy.deepcopy(_EVALUATED[key(epoch)])
         ratio = cfg["observed_ratio"] if cfg["ratio"] == "all" else cfg["ratio"]   # 'all': what the folder held
         entry = ratios.setdefault(ratio_name, {"ratio": ratio, "classes": cfg["classes"], "runs": []})
-        entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": ckpt.get("train_acc", acc_at(run_dir, epoch)),
+        entry["runs"].append({"run_dir": run_dir, "best_epoch": epoch, "best_train_acc": train_acc,
                               "img_size": cfg["args"]["img_size"], "fingerprint": cfg.get("fingerprint"),
                               "settings": cell_settings(cfg), "metrics": metrics, "stamp": stamp,
                               "threads": torch.get_num_threads()})
@@ -403,7 +426,7 @@ def evaluate_all(args):
     for vdir in variant_dirs:
         check_cells(vdir)
     args.test_stamp, args.device_type, args.reused = folder_stamp(args.test_data_root), device.type, 0
-    tests, models = TestImages(args.test_data_root, workers), Models(device)
+    tests, models = test_images(args.test_data_root, args.test_stamp, workers), Models(device)
     all_variants, all_skipped = {}, []
     for vdir in variant_dirs:
         ratios, skipped = evaluate_variant(vdir, args, tests, models)

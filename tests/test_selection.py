@@ -99,13 +99,20 @@ def test_an_epoch_that_two_rules_pick_is_evaluated_once_per_process_with_the_sam
         return real(cfg, ckpt, *a)
     monkeypatch.setattr(validation, "evaluate_run", counted)
     monkeypatch.setattr(validation, "_EVALUATED", {})
+    monkeypatch.setattr(validation, "_TEST_IMAGES", {})
+    loads, decodes, real_inspect, real_decode = [], [], validation.inspect_run, validation.data.decode_all
+    monkeypatch.setattr(validation, "inspect_run", lambda *a: loads.append(a[2]) or real_inspect(*a))
+    monkeypatch.setattr(validation.data, "decode_all", lambda *a, **k: decodes.append(1) or real_decode(*a, **k))
     variant = os.path.dirname(os.path.dirname(run))
     for rule, epoch in (("train_acc", 2), ("balanced_train_acc", 2), ("last", 3)):
         validation.main(["--model_root", variant, "--test_data_root", image_data["valid"], "--select", rule])
         res = json.load(open(os.path.join(variant, validation.results_name(rule))))
         r = res["variants"]["baseline"]["1_0.1"]["runs"][0]
         assert r["best_epoch"] == epoch and r["metrics"]["confusion_matrix"] == files[epoch], rule
+        assert r["best_train_acc"] == forced_epochs.values[epoch][0], rule
     assert calls == [2, 3]
+    assert loads == ["train_acc", "last"]         # the repeat read no weights
+    assert decodes == [1]                         # the test images decoded once for the three calls
     validation.main(["--model_root", variant, "--test_data_root", image_data["valid"], "--select",
                      "balanced_train_acc", "--reevaluate"])                 # asked for: evaluated afresh
     monkeypatch.setattr(validation, "_EVALUATED", {})             # another process
