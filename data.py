@@ -295,8 +295,9 @@ class PaperAugment:
         applied once to the 256 values gives the table, and one gather applies every image's table;
       - the others (Color, Contrast, Sharpness, AutoContrast, Equalize) run once per group of images
         that drew the same operation and magnitude;
-      - ColorJitter's three operations run once per position in its drawn order and operation, with
-        one factor per image."""
+      - ColorJitter's three operations are one blend per position in its drawn order, with one factor
+        per image: brightness blends with 0, contrast with the mean of the grayscale image, saturation
+        with the grayscale image (torchvision's formulas; x * r + 0 * (1 - r) is x * r exactly)."""
 
     def __init__(self):
         self.randaugment, self.jitter = v2.RandAugment(), v2.ColorJitter(**COLOR_JITTER)
@@ -396,18 +397,12 @@ class PaperAugment:
         for k in range(self.randaugment.num_ops):
             self._randaugment_step(x, [d[0][k] for d in drawn])
         factors = torch.tensor([d[2] for d in drawn], dtype=torch.float32)   # drawn in float32: exact
-        for position in range(3):
-            for op in range(3):
-                idx = [i for i, d in enumerate(drawn) if d[1][position] == op]
-                if not idx:
-                    continue
-                y, r = x[idx], factors[idx, op].view(-1, 1, 1, 1)
-                if op == 0:
-                    x[idx] = y.mul(r).clamp_(0, 255).to(torch.uint8)
-                elif op == 1:
-                    x[idx] = _blend(y, _grayscale(y).mean(dim=(-3, -2, -1), keepdim=True), r)
-                else:
-                    x[idx] = _blend(y, _grayscale(y), r)
+        orders = torch.tensor([d[1] for d in drawn]).view(-1, 3, 1, 1, 1)
+        for position in range(3):     # every image takes one of the three operations at each position
+            op = orders[:, position]
+            gray = _grayscale(x)
+            other = torch.where(op == 2, gray, torch.where(op == 1, gray.mean(dim=(-3, -2, -1), keepdim=True), 0.0))
+            x = _blend(x, other, factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1))
         return list(x.unbind(0))
 
 
