@@ -284,57 +284,68 @@ def cpu_slot():
     return cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
 
 
-def train_all(args, todo, jobs, threads):
-    """Run the planned cells: one at a time in this process, or side by side (--jobs on a CPU: a worker
-    process per slot; --gpus: a train.py process per cell, pinned to its GPU), each cell's output in
-    <save_root>/reproduce_logs/. -> failed cells."""
-    slots = queue.Queue()
-    gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else [None]
-    parallel = (args.jobs_per_gpu if args.gpus else jobs) * len(gpus) > 1
-    for g in gpus:
-        for _ in range(args.jobs_per_gpu if args.gpus else jobs):
-            slots.put(g if args.gpus or not parallel else cpu_slot())
-    log_dir = os.path.join(args.save_root, "reproduce_logs")  # one output file per cell run side by side
-    if parallel:
-        os.makedirs(log_dir, exist_ok=True)
-    failed, lock, count = [], threading.Lock(), [0]
+def in_slots(slots, items, work):
+    """work(item, slot) -> (progress line, exit code) for every item, as many at once as there are slots,
+    each item holding one slot while it runs; each line is printed as [k/n] line. An exit code of 130
+    (interrupted) stops the rest. The worker-process slots (cpu_slot) are shut down at the end."""
+    free, lock, count = queue.Queue(), threading.Lock(), [0]
+    for slot in slots:
+        free.put(slot)
 
     def one(item):
-        cell, run_dir, cmd = item
-        slot = slots.get()
-        t0 = time.time()
+        slot = free.get()
         try:
-            log = os.path.join(log_dir, "_".join(run_dir.split(os.sep)[-3:]) + ".txt")
-            if not parallel:
-                rc = run_in_process(cmd)
-            elif isinstance(slot, cf.Executor):
-                rc = slot.submit(run_logged, cmd, log).result()
-            else:
-                rc = run_subprocess(cmd, slot, log, threads)
+            line, rc = work(item, slot)
         finally:
-            slots.put(slot)
+            free.put(slot)
         with lock:
             count[0] += 1
-            status = "done" if rc == 0 else f"FAILED (exit {rc})"
-            print(f"[{count[0]}/{len(todo)}] {status} {run_dir} in {time.time() - t0:.0f}s"
-                  + (f" on GPU {slot}" if args.gpus else ""), flush=True)
-            if rc != 0:
-                failed.append(run_dir)
+            print(f"[{count[0]}/{len(items)}] {line}", flush=True)
         if rc == 130:
             raise KeyboardInterrupt
 
     try:
-        if parallel:
-            with cf.ThreadPoolExecutor(slots.qsize()) as pool:
-                list(pool.map(one, todo))
+        if len(slots) > 1:
+            with cf.ThreadPoolExecutor(len(slots)) as pool:
+                list(pool.map(one, items))
         else:
-            for item in todo:
+            for item in items:
                 one(item)
     finally:
-        while not slots.empty():
-            slot = slots.get()
+        for slot in slots:
             if isinstance(slot, cf.Executor):
                 slot.shutdown(cancel_futures=True)
+
+
+def train_all(args, todo, jobs, threads):
+    """Run the planned cells: one at a time in this process, or side by side (--jobs on a CPU: a worker
+    process per slot; --gpus: a train.py process per cell, pinned to its GPU), each cell's output in
+    <save_root>/reproduce_logs/. -> failed cells."""
+    gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else [None]
+    parallel = (args.jobs_per_gpu if args.gpus else jobs) * len(gpus) > 1
+    slots = [g if args.gpus or not parallel else cpu_slot()
+             for g in gpus for _ in range(args.jobs_per_gpu if args.gpus else jobs)]
+    log_dir = os.path.join(args.save_root, "reproduce_logs")  # one output file per cell run side by side
+    if parallel:
+        os.makedirs(log_dir, exist_ok=True)
+    failed = []
+
+    def work(item, slot):
+        cell, run_dir, cmd = item
+        t0 = time.time()
+        log = os.path.join(log_dir, "_".join(run_dir.split(os.sep)[-3:]) + ".txt")
+        if not parallel:
+            rc = run_in_process(cmd)
+        elif isinstance(slot, cf.Executor):
+            rc = slot.submit(run_logged, cmd, log).result()
+        else:
+            rc = run_subprocess(cmd, slot, log, threads)
+        if rc != 0:
+            failed.append(run_dir)
+        status = "done" if rc == 0 else f"FAILED (exit {rc})"
+        return (f"{status} {run_dir} in {time.time() - t0:.0f}s" + (f" on GPU {slot}" if args.gpus else ""), rc)
+
+    in_slots(slots, todo, work)
     return failed
 
 
@@ -407,37 +418,22 @@ def evaluate_side_by_side(args, base, rules, jobs):
     base = base + ["--num_workers", "0"]
     log_dir = os.path.join(args.save_root, "reproduce_logs")
     os.makedirs(log_dir, exist_ok=True)
-    slots = queue.Queue()
-    for _ in range(min(jobs, len(variants))):
-        slots.put(cpu_slot())
-    lock, count, t_all = threading.Lock(), [0], time.time()
+    slots, t_all = [cpu_slot() for _ in range(min(jobs, len(variants)))], time.time()
 
-    def one(vdir):
-        slot, t0 = slots.get(), time.time()
-        name = os.path.basename(os.path.normpath(vdir))
-        log = os.path.join(log_dir, f"evaluate_{name}.txt")
+    def work(vdir, slot):
+        t0 = time.time()
+        log = os.path.join(log_dir, f"evaluate_{os.path.basename(os.path.normpath(vdir))}.txt")
         try:
             codes = [slot.submit(run_logged, ["validation.py", "--model_root", vdir, *base, "--select", rule],
                                  log).result() for rule in rules]
-        except cf.process.BrokenProcessPool:            # the worker died (out of memory, killed): a new one
-            codes, slot = [1], slot.shutdown() or cpu_slot()
-        finally:
-            slots.put(slot)
-        with lock:
-            count[0] += 1
-            status = "done" if not any(codes) else f"left to the pass below (exit {max(codes)}, see {log})"
-            print(f"[{count[0]}/{len(variants)}] evaluated {vdir} under {len(rules)} rule(s): {status} in "
-                  f"{time.time() - t0:.0f}s", flush=True)
-        if 130 in codes:
-            raise KeyboardInterrupt
+        except cf.process.BrokenProcessPool:    # the worker died (out of memory, killed): left to the pass below
+            codes = [1]
+        status = "done" if not any(codes) else f"left to the pass below (exit {max(codes)}, see {log})"
+        return (f"evaluated {vdir} under {len(rules)} rule(s): {status} in {time.time() - t0:.0f}s",
+                130 if 130 in codes else max(codes))
 
-    print(f"evaluating {len(variants)} variant(s), {slots.qsize()} at once", flush=True)
-    try:
-        with cf.ThreadPoolExecutor(slots.qsize()) as pool:
-            list(pool.map(one, variants))
-    finally:
-        while not slots.empty():
-            slots.get().shutdown(cancel_futures=True)
+    print(f"evaluating {len(variants)} variant(s), {len(slots)} at once", flush=True)
+    in_slots(slots, variants, work)
     print(f"evaluated side by side in {time.time() - t_all:.0f}s", flush=True)
 
 
