@@ -29,14 +29,58 @@ class CosineHead(torch.nn.Module):
         return self.scale * F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t()   # (B, K)
 
 
+ONE_PIXEL_CONVS = ("matmul", "conv")
+
+
+class OnePixelConv2d(torch.nn.Conv2d):
+    """torch's Conv2d, except where its output is a single pixel (ResNet-18's last stage at 32 px and
+    below, where layer4's maps are 1 x 1): there the convolution is the matrix product it is, of the
+    input pixels inside the kernel's one window with the taps that cover them; the taps that fall on the
+    zero padding multiply zeros and are left out (their gradient is exactly 0, as in the convolution).
+    The same parameters and state_dict; the result agrees with torch's convolution to float32 rounding
+    (the sums run in another order), not to the last bit. On a CPU torch's convolution computes all 9
+    taps of a 3 x 3 kernel on a 1 x 1 map, and its backward pass there is slow: a 32 px training step
+    is about twice as fast this way (docs/performance.md)."""
+
+    def forward(self, x):
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        h, w = x.shape[-2:]
+        if (self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros"
+                or isinstance(self.padding, str)):
+            return super().forward(x)
+        ph, pw = self.padding
+        rows, cols = min(h, kh - ph), min(w, kw - pw)        # the input pixels inside the one window
+        if not (0 <= h + 2 * ph - kh < sh and 0 <= w + 2 * pw - kw < sw and rows > 0 and cols > 0):
+            return super().forward(x)                        # more than one output pixel (or none inside)
+        taps = self.weight[:, :, ph:ph + rows, pw:pw + cols].reshape(self.out_channels, -1)
+        return F.linear(x[:, :, :rows, :cols].reshape(len(x), -1), taps, self.bias).view(len(x), -1, 1, 1)
+
+
+def set_one_pixel_convs(model, how):
+    """Every convolution of model computed as OnePixelConv2d ('matmul') or as torch's Conv2d ('conv',
+    the computation of runs trained before this choice existed). -> model."""
+    if how not in ONE_PIXEL_CONVS:
+        raise UserError(f"one_pixel_convs {how!r} is not valid; choose one of: {', '.join(ONE_PIXEL_CONVS)}")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.__class__ = OnePixelConv2d if how == "matmul" else torch.nn.Conv2d
+    return model
+
+
+def one_pixel_convs_of(args):
+    """How a run computes its one-pixel convolutions: train.py's arguments (a dict) -> 'matmul' or
+    'conv'; a run trained before the choice existed has none recorded and used torch's convolution."""
+    return args.get("one_pixel_convs", "conv")
+
+
 def head_of(args):
     """'cosine' for a run trained with LDAM, else 'linear': train.py's arguments (a dict) -> head."""
     return "cosine" if args.get("loss") == "ldam" else "linear"
 
 
-def build_model(num_classes, weights="imagenet", head="linear", scale=30.0):
+def build_model(num_classes, weights="imagenet", head="linear", scale=30.0, one_pixel_convs="matmul"):
     """torchvision resnet18 with a num_classes head: linear (torchvision's fc), or cosine (CosineHead
-    with scale, for LDAM).
+    with scale, for LDAM); its convolutions as set_one_pixel_convs says (one_pixel_convs).
 
     weights: 'imagenet' (torchvision's IMAGENET1K_V1, downloaded once into the torch hub cache),
     'none' (random initialisation), or a path to a state_dict / a train.py checkpoint. The file's head
@@ -56,7 +100,7 @@ def build_model(num_classes, weights="imagenet", head="linear", scale=30.0):
         model.fc = CosineHead(model.fc.in_features, num_classes, scale)
     if weights not in ("imagenet", "none"):
         load_weights_file(model, weights)
-    return model
+    return set_one_pixel_convs(model, one_pixel_convs)
 
 
 def load_weights_file(model, weights):
@@ -84,7 +128,8 @@ def load_weights_file(model, weights):
 
 def build_trained(cfg, state):
     """The model of a trained run (config.json's cfg, its checkpoint's state_dict), on the CPU."""
-    model = build_model(len(cfg["classes"]), "none", head_of(cfg["args"]))
+    a = cfg["args"]
+    model = build_model(len(cfg["classes"]), "none", head_of(a), one_pixel_convs=one_pixel_convs_of(a))
     model.load_state_dict(state)
     return model
 

@@ -160,3 +160,34 @@ def test_a_run_begun_with_the_loop_optimizer_resumes_with_it_and_says_so(image_d
     cfg = json.load(open(run / "config.json"))
     assert cfg["optimizer_impl"] == "fused" and cfg["resumed"][0]["optimizer_impl"] == "loop"
     assert not torch.load(run / "last.pth", weights_only=True)["optimizer"]["param_groups"][0]["fused"]
+
+
+def test_a_run_of_a_version_before_one_pixel_matmuls_resumes_and_is_evaluated_with_the_convolution(image_data,
+                                                                                                     tmp_path):
+    from model import OnePixelConv2d, one_pixel_convs_of
+    def weights(run):
+        return torch.load(os.path.join(run, "last.pth"), weights_only=True)["model"]
+    two = ("--num_epochs", "2", "--seed", "3")
+    fast = train.main(train_args(image_data["train"], str(tmp_path / "fast"), *two))
+    conv = train.main(train_args(image_data["train"], str(tmp_path / "conv"), *two, "--one_pixel_convs", "conv"))
+    assert json.load(open(os.path.join(fast, "config.json")))["args"]["one_pixel_convs"] == "matmul"
+    a, b = weights(fast), weights(conv)
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)   # last bits differ
+    # the same run by an older version: trained with the convolution, its config.json without the setting
+    with pytest.raises(SystemExit):
+        train.main(train_args(image_data["train"], str(tmp_path / "old"), *two, "--one_pixel_convs", "conv"),
+                   epoch_done=interrupt_after_epoch(1))
+    old = tmp_path / "old" / "baseline" / "1_0.1" / "run_1"
+    cfg = json.load(open(old / "config.json"))
+    del cfg["args"]["one_pixel_convs"]
+    json.dump(cfg, open(old / "config.json", "w"))
+    train.main(["--resume", str(old)])
+    c = weights(old)
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    cfg = json.load(open(old / "config.json"))
+    assert one_pixel_convs_of(cfg["args"]) == "conv"
+    models = validation.Models(torch.device("cpu"))
+    model = models.load(cfg, c)
+    assert not any(type(m) is OnePixelConv2d for m in model.modules())
+    model = models.load(json.load(open(os.path.join(fast, "config.json"))), a)
+    assert all(type(m) is OnePixelConv2d for m in model.modules() if isinstance(m, torch.nn.Conv2d))
