@@ -47,6 +47,15 @@ def test_imagenet_weights_offline_give_a_clear_message(monkeypatch):
         build_model(2, "imagenet")
 
 
+@pytest.fixture
+def conv2d_calls(monkeypatch):
+    """A list that grows by one at every call of torch.nn.functional.conv2d (what nn.Conv2d runs)."""
+    calls = []
+    real = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 # (in, out, kernel, stride, padding, input h x w): every case has a one-pixel output; the first three are
 # ResNet-18's layer4 at 32 px (3x3 on 1x1, 3x3 stride 2 on 2x2, the 1x1 stride-2 downsample on 2x2)
 ONE_PIXEL = [(16, 8, 3, 1, 1, (1, 1)), (16, 8, 3, 2, 1, (2, 2)), (16, 8, 1, 2, 0, (2, 2)),
@@ -55,7 +64,7 @@ ONE_PIXEL = [(16, 8, 3, 1, 1, (1, 1)), (16, 8, 3, 2, 1, (2, 2)), (16, 8, 1, 2, 0
 
 @pytest.mark.parametrize("case", ONE_PIXEL)
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_one_pixel_convolution_is_computed_as_a_matrix_product_equal_to_the_convolution(case, bias, monkeypatch):
+def test_a_one_pixel_convolution_is_computed_as_a_matrix_product_equal_to_the_convolution(case, bias, conv2d_calls):
     from model import OnePixelConv2d
     c_in, c_out, k, s, p, (h, w) = case
     torch.manual_seed(0)
@@ -64,11 +73,8 @@ def test_a_one_pixel_convolution_is_computed_as_a_matrix_product_equal_to_the_co
     fast.load_state_dict(conv.state_dict())
     x = torch.randn(3, c_in, h, w, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
-    calls = []
-    real = torch.nn.functional.conv2d
-    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     y = fast(x2)
-    assert calls == [] and y.shape == (3, c_out, 1, 1)                  # no convolution ran
+    assert conv2d_calls == [] and y.shape == (3, c_out, 1, 1)                  # no convolution ran
     ref = conv(x)
     g = torch.randn_like(ref)
     ref.backward(g)
@@ -91,27 +97,24 @@ def test_a_convolution_with_more_than_one_output_pixel_is_torchs_own():
         assert fast(x).shape[-1] > 1 and torch.equal(fast(x), conv(x))
 
 
-def test_resnet18_at_32_px_runs_its_last_stage_as_matrix_products_and_gives_the_convolutions_logits(monkeypatch):
+def test_resnet18_at_32_px_runs_its_last_stage_as_matrix_products_and_gives_the_convolutions_logits(conv2d_calls):
     from model import OnePixelConv2d, set_one_pixel_convs
     from utils import UserError
     torch.manual_seed(0)
     model = build_model(2, "none").eval()
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 20 and all(type(m) is OnePixelConv2d for m in convs)
-    calls = []
-    real = torch.nn.functional.conv2d
-    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad():
         for size, convolutions in ((32, 15), (64, 20)):          # layer4's 5 are one-pixel at 32 px only
             x = torch.randn(4, 3, size, size)
-            calls.clear()
+            conv2d_calls.clear()
             fast = model(x)
-            assert len(calls) == convolutions
+            assert len(conv2d_calls) == convolutions
             set_one_pixel_convs(model, "conv")
             assert all(type(m) is torch.nn.Conv2d for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-            calls.clear()
+            conv2d_calls.clear()
             ref = model(x)
-            assert len(calls) == 20
+            assert len(conv2d_calls) == 20
             set_one_pixel_convs(model, "matmul")
             assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-5)
             assert torch.equal(fast, ref) == (size == 64)
