@@ -40,7 +40,7 @@ class OnePixelConv2d(torch.nn.Conv2d):
     The same parameters and state_dict; the result agrees with torch's convolution to float32 rounding
     (the sums run in another order), not to the last bit. On a CPU torch's convolution computes all 9
     taps of a 3 x 3 kernel on a 1 x 1 map, and its backward pass there is slow: a 32 px training step
-    is about twice as fast this way (docs/performance.md)."""
+    is 1.7x (one thread) to 2.3x (two threads) as fast this way (docs/performance.md)."""
 
     def forward(self, x):
         (kh, kw), (sh, sw) = self.kernel_size, self.stride

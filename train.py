@@ -110,8 +110,8 @@ def get_args_parser():
                    "reproduce.py sets it for cells run side by side")
     g.add_argument("--one_pixel_convs", default="matmul", choices=ONE_PIXEL_CONVS, help="how a convolution whose "
                    "output is one pixel is computed (ResNet-18's last stage at 32 px and below): matmul (default), "
-                   "the matrix product of the input with the kernel's taps that cover it, about twice as fast at 32 px "
-                   "on a CPU; conv, torch's convolution over all taps, as versions before this flag. The same model "
+                   "the matrix product of the input with the kernel's taps that cover it, 1.7-2.3x as fast per 32 px "
+                   "step on a CPU; conv, torch's convolution over all taps, as versions before this flag. The same model "
                    "and math; they differ in the weights' last bits, not the experiment: recorded in config.json, "
                    "not in the fingerprint")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
