@@ -22,7 +22,7 @@ from tqdm import tqdm
 import data
 from losses import (AUX_LOSSES, CLASSIFICATION_LOSSES, DEFAULTS, SAMPLERS, Criterion, check_method, method_choices,
                     method_name)
-from model import (ONE_PIXEL_CONVS, TAPPABLE, build_model, forward_with_taps, head_of, one_pixel_convs_of,
+from model import (SMALL_MAP_CONVS, TAPPABLE, build_model, forward_with_taps, head_of, small_map_convs_of,
                    use_exact_float32)
 from runs import (ACC_DECIMALS, SELECT_RULES, absolute_paths, balanced_train_acc, claim_run_dir, is_complete,
                   planned_subset, record_provenance, run_number, run_settings, set_aside_previous_attempt,
@@ -108,12 +108,16 @@ def get_args_parser():
                    "at most the CPUs this process may use (default: torch's own, all of them). Changes the last bits "
                    "of the weights on a CPU, not the experiment: recorded in config.json, not in the fingerprint. "
                    "reproduce.py sets it for cells run side by side")
-    g.add_argument("--one_pixel_convs", default="matmul", choices=ONE_PIXEL_CONVS, help="how a convolution whose "
-                   "output is one pixel is computed (ResNet-18's last stage at 32 px and below): matmul (default), "
-                   "the matrix product of the input with the kernel's taps that cover it, 1.7-2.3x as fast per 32 px "
-                   "step on a CPU; conv, torch's convolution over all taps, as versions before this flag. The same model "
-                   "and math; they differ in the weights' last bits, not the experiment: recorded in config.json, "
-                   "not in the fingerprint")
+    g.add_argument("--small_map_convs", default="matmul", choices=SMALL_MAP_CONVS, help="how a convolution on "
+                   "a map no larger than its kernel is computed (ResNet-18's last two stages at 32 px, the last at "
+                   "64 px): matmul (default), as the matrix product of the input pixels with the taps that reach "
+                   "them; one_pixel, the same for one-pixel outputs only (as --one_pixel_convs matmul, the version "
+                   "before); conv, torch's convolution over all taps, as versions before either. Faster on a CPU "
+                   "(docs/performance.md); the same model and math; they differ in the weights' last bits, not the "
+                   "experiment: recorded in config.json, not in the fingerprint")
+    g.add_argument("--one_pixel_convs", dest="small_map_convs", choices=("matmul", "conv"), action=OnePixelFlag,
+                   default=argparse.SUPPRESS, help="the earlier spelling: matmul = --small_map_convs one_pixel, "
+                   "conv = --small_map_convs conv")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (default on; ignored on CPU); --no-amp trains in exact float32 "
                    "(TF32 off)")
@@ -141,6 +145,13 @@ def get_args_parser():
 
 
 # ---------------------------------------------------------------- configuration
+
+class OnePixelFlag(argparse.Action):
+    """--one_pixel_convs matmul|conv, the earlier flag: stored as --small_map_convs one_pixel|conv."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, "one_pixel" if value == "matmul" else "conv")
+
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -436,7 +447,7 @@ def train_run(run_dir, cfg, state, threads, epoch_done):
     try:
         torch.manual_seed(cfg["seed"])
         model = build_model(len(a["classes"]), "none" if state else a["weights"], head_of(a),
-                            a.get("ldam_scale", DEFAULTS["ldam_scale"]), one_pixel_convs_of(a)).to(device)
+                            a.get("ldam_scale", DEFAULTS["ldam_scale"]), small_map_convs_of(a)).to(device)
         dataset, labels = build_train_data(cfg, run_dir)
     except UserError:
         if not state and not os.listdir(run_dir):

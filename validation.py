@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 import data
-from model import (build_model, confusion_matrix, head_of, metrics_from_confusion, one_pixel_convs_of,
-                   set_one_pixel_convs, use_exact_float32)
+from model import (build_model, confusion_matrix, head_of, metrics_from_confusion, set_small_map_convs,
+                   small_map_convs_of, use_exact_float32)
 from train import DEVICES, check_threads, resolve_device, use_threads
 from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, WEIGHT_FILES, WEIGHTS_REMOVED, RunNotReady, fingerprint,
                   chosen_epoch, is_complete, load_best, parse_train_log, run_number, run_settings, setting_differences)
@@ -191,7 +191,7 @@ def test_images(root, stamp, num_workers):
 class Models:
     """One resnet18 per (number of classes, head), on the device in channels_last (faster on CPU and
     CUDA); each run only loads its weights into it, instead of building and initialising a new model,
-    and computes its one-pixel convolutions as the run was trained to (model.one_pixel_convs_of)."""
+    and computes its convolutions on small maps as the run was trained to (model.small_map_convs_of)."""
 
     def __init__(self, device):
         self.device, self.by_kind = device, {}
@@ -202,7 +202,7 @@ class Models:
             model = build_model(kind[0], "none", kind[1])
             self.by_kind[kind] = model.to(self.device, memory_format=torch.channels_last)
         self.by_kind[kind].load_state_dict(state)
-        return set_one_pixel_convs(self.by_kind[kind], one_pixel_convs_of(cfg["args"]))
+        return set_small_map_convs(self.by_kind[kind], small_map_convs_of(cfg["args"]))
 
 
 def evaluate_run(cfg, ckpt, tests, models, batch_size, precision):

@@ -162,32 +162,40 @@ def test_a_run_begun_with_the_loop_optimizer_resumes_with_it_and_says_so(image_d
     assert not torch.load(run / "last.pth", weights_only=True)["optimizer"]["param_groups"][0]["fused"]
 
 
-def test_a_run_of_a_version_before_one_pixel_matmuls_resumes_and_is_evaluated_with_the_convolution(image_data,
-                                                                                                     tmp_path):
-    from model import OnePixelConv2d, one_pixel_convs_of
+@pytest.mark.parametrize("earlier", [{"one_pixel_convs": "matmul"}, {}], ids=["one_pixel_matmul", "nothing"])
+def test_a_run_of_an_earlier_version_resumes_and_is_evaluated_with_the_convolutions_it_was_trained_with(
+        image_data, tmp_path, earlier):
+    """Versions before --small_map_convs recorded one_pixel_convs 'matmul' (one-pixel outputs as matrix
+    products) or, before that, nothing (torch's convolution)."""
+    from model import OnePixelConv2d, SmallMapConv2d, small_map_convs_of
+    how = "one_pixel" if earlier else "conv"
+    kind = OnePixelConv2d if earlier else torch.nn.Conv2d
+
     def weights(run):
         return torch.load(os.path.join(run, "last.pth"), weights_only=True)["model"]
     two = ("--num_epochs", "2", "--seed", "3")
     fast = train.main(train_args(image_data["train"], str(tmp_path / "fast"), *two))
-    conv = train.main(train_args(image_data["train"], str(tmp_path / "conv"), *two, "--one_pixel_convs", "conv"))
-    assert json.load(open(os.path.join(fast, "config.json")))["args"]["one_pixel_convs"] == "matmul"
-    a, b = weights(fast), weights(conv)
+    alone = train.main(train_args(image_data["train"], str(tmp_path / how), *two, "--small_map_convs", how))
+    assert json.load(open(os.path.join(fast, "config.json")))["args"]["small_map_convs"] == "matmul"
+    a, b = weights(fast), weights(alone)
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)   # last bits differ
-    # the same run by an older version: trained with the convolution, its config.json without the setting
+    # the same run by the earlier version, interrupted, its config.json as that version wrote it
+    flag = ("--one_pixel_convs", "matmul" if earlier else "conv")             # the earlier flag, still accepted
     with pytest.raises(SystemExit):
-        train.main(train_args(image_data["train"], str(tmp_path / "old"), *two, "--one_pixel_convs", "conv"),
+        train.main(train_args(image_data["train"], str(tmp_path / "old"), *two, *flag),
                    epoch_done=interrupt_after_epoch(1))
     old = tmp_path / "old" / "baseline" / "1_0.1" / "run_1"
     cfg = json.load(open(old / "config.json"))
-    del cfg["args"]["one_pixel_convs"]
+    assert cfg["args"].pop("small_map_convs") == how
+    cfg["args"].update(earlier)
     json.dump(cfg, open(old / "config.json", "w"))
     train.main(["--resume", str(old)])
     c = weights(old)
     assert all(torch.equal(b[k], c[k]) for k in b)
     cfg = json.load(open(old / "config.json"))
-    assert one_pixel_convs_of(cfg["args"]) == "conv"
+    assert small_map_convs_of(cfg["args"]) == how
     models = validation.Models(torch.device("cpu"))
     model = models.load(cfg, c)
-    assert not any(type(m) is OnePixelConv2d for m in model.modules())
+    assert all(type(m) is kind for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     model = models.load(json.load(open(os.path.join(fast, "config.json"))), a)
-    assert all(type(m) is OnePixelConv2d for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert all(type(m) is SmallMapConv2d for m in model.modules() if isinstance(m, torch.nn.Conv2d))
