@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from utils import available_cpus, command_line, cpu_name
+from utils import UserError, available_cpus, command_line, cpu_name, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ("class-a", "class-b")
@@ -373,6 +373,11 @@ def measure_eval(args):
 
 
 def run_measure(args):
+    if args.img_size is None or args.batch_size is None:
+        raise UserError("--measure needs --img_size and --batch_size")
+    if not os.path.isdir(os.path.join(args.work_dir, "train")):
+        raise UserError(f"--measure: --work_dir {args.work_dir} holds no generated images (no train/ folder); run "
+                        f"python3 bench.py once with --work_dir {args.work_dir} (without --measure) to make them")
     import torch
     fn = {"compute": lambda: measure_compute(args), "train": lambda: measure_train(args), "naive": lambda: measure_naive(args),
           "eval": lambda: measure_eval(args)}[args.measure]
@@ -568,4 +573,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -16,3 +16,15 @@ def test_throughput_figures_scale_with_image_size_and_peak():
     assert abs(f["paper_grid_hours_at_train_rate"] - 322_320_000 / 1000 / 3600) < 1e-6
     small = bench.throughput_figures({**c, "img_size": 112}, peak_tflops=None)
     assert abs(small["train_tflops"] - 10.9 / 4) < 1e-9 and "train_fraction_of_peak" not in small
+
+
+def test_one_measurement_without_its_generated_images_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+    cmd = [sys.executable, bench.__file__, "--measure", "train", "--img_size", "32", "--batch_size", "8",
+           "--work_dir", str(tmp_path / "empty")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--work_dir {tmp_path / 'empty'} holds no generated images" in out.stderr
+    out = subprocess.run(cmd[:4] + cmd[8:], capture_output=True, text=True)
+    assert out.returncode == 2 and "--measure needs --img_size and --batch_size" in out.stderr
