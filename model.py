@@ -69,8 +69,8 @@ class SmallMapConv2d(OnePixelConv2d):
     map is then one (4 C_in) x (4 C_out) product, 16 of the 36 multiplications per channel pair that
     torch's convolution does (the other 20 fall on the padding). Used where R is at most the kernel's
     taps, so that it never multiplies more than the convolution. The same parameters and state_dict;
-    equal to the convolution to float32 rounding. A 32 px training step is about 1.1-1.25x as fast as
-    with OnePixelConv2d on a 2-core CPU (docs/performance.md)."""
+    equal to the convolution to float32 rounding. train.py at 32 px is 1.07-1.20x as fast as with
+    OnePixelConv2d alone on a 2-core AMD EPYC, at 64 px 1.12x (docs/performance.md)."""
 
     def forward(self, x):
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
