@@ -44,21 +44,23 @@ class OnePixelConv2d(torch.nn.Conv2d):
     is 1.7x (one thread) to 2.3x (two threads) as fast this way (docs/performance.md)."""
 
     def forward(self, x):
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        h, w = x.shape[-2:]
-        if not self.plain():
+        geometry = self.geometry(x)
+        if geometry is None:
             return super().forward(x)
-        ph, pw = self.padding
+        kh, kw, sh, sw, ph, pw, h, w = geometry
         rows, cols = min(h, kh - ph), min(w, kw - pw)        # the input pixels inside the one window
         if not (0 <= h + 2 * ph - kh < sh and 0 <= w + 2 * pw - kw < sw and rows > 0 and cols > 0):
             return super().forward(x)                        # more than one output pixel (or none inside)
         taps = self.weight[:, :, ph:ph + rows, pw:pw + cols].reshape(self.out_channels, -1)
         return F.linear(x[:, :, :rows, :cols].reshape(len(x), -1), taps, self.bias).view(len(x), -1, 1, 1)
 
-    def plain(self):
-        """Whether this is a plain convolution (one group, no dilation, zero padding given in pixels)."""
-        return (self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str))
+    def geometry(self, x):
+        """(kh, kw, sh, sw, ph, pw, h, w): kernel, stride, padding and x's map size, for a plain convolution
+        (one group, no dilation, zero padding given in pixels); None for any other (torch's own then)."""
+        if (self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros"
+                or isinstance(self.padding, str)):
+            return None
+        return (*self.kernel_size, *self.stride, *self.padding, *x.shape[-2:])
 
 
 class SmallMapConv2d(OnePixelConv2d):
@@ -73,11 +75,10 @@ class SmallMapConv2d(OnePixelConv2d):
     OnePixelConv2d alone on a 2-core AMD EPYC, at 64 px 1.12x (docs/performance.md)."""
 
     def forward(self, x):
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        h, w = x.shape[-2:]
-        if not self.plain():
+        geometry = self.geometry(x)
+        if geometry is None:
             return super().forward(x)
-        ph, pw = self.padding
+        kh, kw, sh, sw, ph, pw, h, w = geometry
         ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         rows, cols = min(h, (ho - 1) * sh - ph + kh), min(w, (wo - 1) * sw - pw + kw)   # the pixels reached
         if ho < 1 or wo < 1 or ho * wo == 1 or rows < 1 or cols < 1 or rows * cols > kh * kw:
