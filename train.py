@@ -29,11 +29,12 @@ from runs import (ACC_DECIMALS, SELECT_RULES, absolute_paths, balanced_train_acc
                   set_fingerprint)
 from utils import (BackgroundSaver, UserError, WriteError, append_line, available_cpus, command_line, decoding_workers,
                    load_checkpoint, parse_ratio_or_all, ratio_folder_name, ratio_text, run_main, save_checkpoint,
-                   signals_deferred, write_json_atomic)
+                   signals_deferred, write_json_atomic, write_text_atomic)
 
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
 # flags that --resume accepts: they change how fast a run goes, not its result (see runs.run_settings)
-RESUME_FLAGS = ("device", "num_workers", "threads", "cache", "compile", "channels_last", "keep_last", "keep_selected")
+RESUME_FLAGS = ("device", "num_workers", "threads", "cache", "compile", "channels_last", "keep_last", "keep_selected",
+                "checkpoint_every")
 
 
 def get_args_parser():
@@ -131,6 +132,14 @@ def get_args_parser():
                    help="keep last.pth (weights, optimizer and RNG states, 3x the size of best.pth) once the run has "
                    "finished (default); --no-keep_last deletes it then: best.pth holds the evaluated model, and a "
                    "finished run is never resumed")
+    g.add_argument("--checkpoint_every", type=float, default=60.0, metavar="SECONDS",
+                   help="how often the checkpoints go to disk: after the first epoch that ends SECONDS or more after "
+                   "the last write (default 60), after the last epoch, and when the run is interrupted (Ctrl-C, "
+                   "SIGTERM) or stopped; 0 = after every epoch, as earlier versions. Every epoch is still kept in "
+                   "memory until then, so an interruption loses no finished epoch; a hard kill (SIGKILL, power loss) "
+                   "loses at most SECONDS of training, which --resume trains again to the same weights. Short epochs "
+                   "(the demo's, seconds on a CPU) then do not each pay for writing last.pth's 135 MB "
+                   "(docs/performance.md)")
     g.add_argument("--keep_selected", nargs="+", default=list(SELECT_RULES), choices=SELECT_RULES,
                    help="the rules of model selection whose epoch's weights the run keeps, for validation.py --select "
                    "(default: all three): train_acc (best.pth, the paper's rule, always kept), balanced_train_acc "
@@ -184,6 +193,7 @@ def check_args(args):
             raise UserError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    check_checkpoint_every(args.checkpoint_every)
     decoding_workers(args.num_workers)   # refuses a negative value before anything is made
     check_threads(args.threads)
     if args.seed is not None and args.seed < 0:
@@ -191,6 +201,12 @@ def check_args(args):
     check_method(args)
     data.build_augment(args.augment)
     parse_ratio_or_all(args.ratio, args.classes)
+
+
+def check_checkpoint_every(seconds):
+    if not 0 <= seconds < float("inf"):
+        raise UserError(f"--checkpoint_every must be a number of seconds, 0 or more (0: after every epoch), "
+                        f"got {seconds}")
 
 
 def check_threads(threads):
@@ -244,6 +260,7 @@ def prepare_resume(args, given):
                         f"Start a new run for other settings.")
     decoding_workers(args.num_workers)   # refuses a negative value before anything is made
     check_threads(args.threads)
+    check_checkpoint_every(args.checkpoint_every)
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"--resume {run_dir}: no config.json there; give a run folder made by train.py")
@@ -472,6 +489,7 @@ def train_run(run_dir, cfg, state, threads, epoch_done):
         best = {"train_acc": (state["best_epoch"], state["best_train_acc"]),
                 "balanced_train_acc": tuple(state.get("best_balanced", (None, -1.0)))}
         append_line(os.path.join(run_dir, "train.log"), f"Resumed from last.pth at epoch {state['epoch']}")
+    forget_epochs_from(run_dir, start)
     criterion = Criterion(a, [cfg["counts"][c]["used"] for c in a["classes"]], device)
     net = Tapped(model, a["contrastive_layers"] if criterion.aux != "none" else ())
     net = torch.compile(net) if a["compile"] else net
@@ -484,10 +502,33 @@ def train_run(run_dir, cfg, state, threads, epoch_done):
     summary = {"best_epoch": epoch, "best_train_acc": acc, "epochs": n, "selected": selected}
     append_line(os.path.join(run_dir, "train.log"), f"Finished: best epoch {epoch} (Train Acc {acc:.{ACC_DECIMALS}f})")
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    if not a.get("keep_last", True):
+    if not a.get("keep_last", True) and os.path.isfile(os.path.join(run_dir, "last.pth")):
         os.remove(os.path.join(run_dir, "last.pth"))    # after summary.json: the run is complete without it
     print(f"finished {run_dir}: best epoch {epoch}, Train Acc {acc:.{ACC_DECIMALS}f}", file=sys.stderr)
     return run_dir
+
+
+def forget_epochs_from(run_dir, start):
+    """metrics.jsonl without its lines for epochs start and later: a run killed outright (SIGKILL, power
+    loss) may have recorded epochs that its last.pth, written at most every --checkpoint_every seconds,
+    does not hold; they are trained again now, to the same numbers. A line cut off half-way goes too.
+    train.log keeps its lines, followed by a note."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+
+    def before_start(line):
+        try:
+            return json.loads(line)["epoch"] < start
+        except (ValueError, KeyError, TypeError):
+            return False
+    kept = [line for line in lines if before_start(line)]
+    if len(kept) < len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        append_line(os.path.join(run_dir, "train.log"), f"metrics.jsonl: {len(lines) - len(kept)} line(s) of epoch "
+                                                        f"{start} or later dropped (not in last.pth); trained again")
 
 
 def keep_selected_weights(run_dir, model, cfg, selected):
@@ -508,33 +549,47 @@ def keep_selected_weights(run_dir, model, cfg, selected):
 
 
 def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches, device, start, best, epoch_done):
-    """Epochs start..num_epochs, each recorded (checkpoints, train.log, metrics.jsonl) as a whole.
+    """Epochs start..num_epochs, each recorded (train.log, metrics.jsonl, its checkpoints) as a whole.
+    Each epoch's checkpoints are snapshots held in memory and written by the background saver after
+    the first epoch that ends --checkpoint_every seconds after the last write, after the last epoch
+    (without last.pth under --no-keep_last: it would be deleted at once), and, synchronously, when
+    the run is interrupted or its loss becomes non-finite: last.pth then holds the last finished epoch.
     An interrupt exits with 130; a refused write or a non-finite loss stops with a UserError; both say
     which epoch last.pth holds and how to continue. -> {rule: (best epoch, its value)}."""
-    a, log = cfg["args"], os.path.join(run_dir, "train.log")
-    done, saver = start - 1, BackgroundSaver()   # done: the last epoch whose checkpoint and log lines are recorded
+    a, log, n = cfg["args"], os.path.join(run_dir, "train.log"), cfg["args"]["num_epochs"]
+    every = a.get("checkpoint_every", 0)          # runs of earlier versions wrote after every epoch
+    done, saver = start - 1, BackgroundSaver()   # done: the last epoch whose log lines are recorded
+    held, written_at = Held(run_dir), time.monotonic()
     try:
-        for epoch in range(start, a["num_epochs"] + 1):
+        for epoch in range(start, n + 1):
             seed_epoch(cfg["seed"], epoch, batches)
             criterion.set_epoch(epoch)
-            m = train_one_epoch(net, loader, optimizer, criterion, device, cfg, f"epoch {epoch}/{a['num_epochs']}")
+            m = train_one_epoch(net, loader, optimizer, criterion, device, cfg, f"epoch {epoch}/{n}")
             if epoch_done is not None:
                 epoch_done(epoch, m)
-            line = epoch_line(epoch, a["num_epochs"], m, a["classes"])
+            line = epoch_line(epoch, n, m, a["classes"])
             with signals_deferred():   # an interrupt here waits until the epoch is fully recorded
-                best = save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg)
+                final = epoch == n
+                best = save_epoch(held, model, optimizer, epoch, m, best, cfg, last=not final or a.get("keep_last", True))
+                if final or time.monotonic() - written_at >= every:
+                    saver.save(*held.take())
+                    written_at = time.monotonic()
                 append_line(log, line)
                 append_line(os.path.join(run_dir, "metrics.jsonl"), json.dumps({"epoch": epoch, **m}))
                 done = epoch
             print(line, file=sys.stderr)
         saver.wait()
     except (KeyboardInterrupt, Interrupted) as e:
-        saver.wait()  # the last finished epoch's checkpoint completes; a half-written one is never renamed in
-        append_line(log, f"Interrupted during epoch {done + 1} ({type(e).__name__}); last.pth holds epoch {done}; "
+        saver.wait()  # the checkpoints in flight complete; a half-written one is never renamed in
+        held.write_now(saver)    # the last finished epoch's, if not written yet
+        on_disk = saver.written or start - 1
+        append_line(log, f"Interrupted during epoch {done + 1} ({type(e).__name__}); last.pth holds epoch {on_disk}; "
                          f"continue with: python3 train.py --resume {run_dir}")
         print(f"interrupted; continue with: python3 train.py --resume {run_dir}", file=sys.stderr)
         sys.exit(130)
     except FloatingPointError as e:
+        saver.wait()
+        held.write_now(saver)
         append_line(log, f"Stopped: {e}")
         raise UserError(str(e))
     except WriteError as e:
@@ -542,8 +597,8 @@ def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches
             saver.wait()
         except WriteError:
             pass
-        held = saver.written if saver.written is not None else start - 1
-        msg = (f"{e}. The run stopped; {f'last.pth holds epoch {held}, complete' if held else 'no epoch was saved'}"
+        on_disk = saver.written if saver.written is not None else start - 1
+        msg = (f"{e}. The run stopped; {f'last.pth holds epoch {on_disk}, complete' if on_disk else 'no epoch was saved'}"
                f". Make room or fix the permissions, then continue with: python3 train.py --resume {run_dir}")
         try:
             append_line(log, f"Stopped: {msg}")
@@ -553,23 +608,67 @@ def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches
     return best
 
 
-def save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg):
+class Held:
+    """The checkpoints of the epochs since the last write, in memory: the newest of each file
+    (best.pth, best_balanced.pth, last.pth), handed to the writer in that order, so that last.pth's
+    record of the best epoch is never ahead of best.pth."""
+    ORDER = ("best.pth", "best_balanced.pth", "last.pth")
+
+    def __init__(self, run_dir):
+        self.run_dir, self.files, self.last_epoch = run_dir, {}, None
+
+    def put(self, name, ckpt):
+        self.files[name] = ckpt
+
+    def drop(self, name):
+        self.files.pop(name, None)
+
+    def take(self):
+        """-> ([(path, checkpoint)] to write, in ORDER; the epoch of the last.pth among them, else None);
+        nothing is held afterwards."""
+        jobs = [(os.path.join(self.run_dir, f), self.files[f]) for f in self.ORDER if f in self.files]
+        tag = self.last_epoch if "last.pth" in self.files else None
+        self.files = {}
+        return jobs, tag
+
+    def write_now(self, saver):
+        """Write what is held, in this thread (after an interrupt or a stop); the saver records the epoch
+        of last.pth as written. A refused write is reported as the interrupted run's last line."""
+        jobs, tag = self.take()
+        try:
+            for path, ckpt in jobs:
+                save_checkpoint(path, ckpt)
+            if tag is not None:
+                saver.written = tag
+        except WriteError as e:
+            print(f"error: {e}; the checkpoints of the last finished epoch were not all written", file=sys.stderr)
+
+
+def save_epoch(held, model, optimizer, epoch, m, best, cfg, last=True):
     """best.pth when Train Acc is strictly higher than before (ties keep the earlier epoch);
     best_balanced.pth likewise for the balanced Train Acc (when kept, --keep_selected); last.pth
-    always. All hold tensors and plain types only and load with torch.load(weights_only=True).
-    They are snapshots (copies), written by the background saver while the next epoch trains."""
-    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    jobs, best = [], dict(best)
+    unless last is False (the final epoch under --no-keep_last, where an older last.pth held is
+    dropped too). All hold tensors and plain types only and load with torch.load(weights_only=True).
+    They are snapshots (copies), held until written (train_epochs)."""
+    weights, best = None, dict(best)
+
+    def snapshot():
+        nonlocal weights
+        if weights is None:
+            weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        return weights
     if m["train_acc"] > best["train_acc"][1]:
         best["train_acc"] = (epoch, m["train_acc"])
-        jobs.append((os.path.join(run_dir, "best.pth"),
-                     {"model": weights, "epoch": epoch, "train_acc": m["train_acc"], "config": cfg}))
+        held.put("best.pth", {"model": snapshot(), "epoch": epoch, "train_acc": m["train_acc"], "config": cfg})
     balanced = balanced_train_acc(m["per_class_acc"].values())
     if balanced > best["balanced_train_acc"][1]:
         best["balanced_train_acc"] = (epoch, balanced)
         if "balanced_train_acc" in cfg["args"].get("keep_selected", SELECT_RULES):
-            jobs.append((os.path.join(run_dir, "best_balanced.pth"),
-                         {"model": weights, "epoch": epoch, "balanced_train_acc": balanced, "config": cfg}))
+            held.put("best_balanced.pth", {"model": snapshot(), "epoch": epoch, "balanced_train_acc": balanced,
+                                           "config": cfg})
+    if not last:
+        held.drop("last.pth")
+        return best
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -577,11 +676,10 @@ def save_epoch(saver, run_dir, model, optimizer, epoch, m, best, cfg):
     opt_state = {"state": {k: {n: t.to("cpu", copy=True) if torch.is_tensor(t) else t for n, t in v.items()}
                            for k, v in sd["state"].items()},
                  "param_groups": copy.deepcopy(sd["param_groups"])}
-    jobs.append((os.path.join(run_dir, "last.pth"),
-                 {"model": weights, "optimizer": opt_state, "epoch": epoch, "train_acc": m["train_acc"],
-                  "best_epoch": best["train_acc"][0], "best_train_acc": best["train_acc"][1],
-                  "best_balanced": list(best["balanced_train_acc"]), "rng": rng, "config": cfg}))
-    saver.save(jobs, tag=epoch)
+    held.put("last.pth", {"model": snapshot(), "optimizer": opt_state, "epoch": epoch, "train_acc": m["train_acc"],
+                          "best_epoch": best["train_acc"][0], "best_train_acc": best["train_acc"][1],
+                          "best_balanced": list(best["balanced_train_acc"]), "rng": rng, "config": cfg})
+    held.last_epoch = epoch
     return best
 
 

@@ -270,15 +270,16 @@ class BackgroundSaver:
         self.written = None   # the tag of the last batch of files that is completely on disk
 
     def save(self, jobs, tag=None):
-        """jobs: [(path, checkpoint)], written in order with save_checkpoint(); tag (e.g. the epoch)
-        becomes self.written once they all are."""
+        """jobs: [(path, checkpoint)], written in order with save_checkpoint(); tag (e.g. the epoch),
+        unless None, becomes self.written once they all are."""
         self.wait()
 
         def work():
             try:
                 for path, ckpt in jobs:
                     save_checkpoint(path, ckpt)
-                self.written = tag
+                if tag is not None:
+                    self.written = tag
             except BaseException as e:  # handed to the training thread by wait()
                 self._error = e
         self._thread = threading.Thread(target=work, name="checkpoint-writer")

@@ -356,8 +356,9 @@ def test_a_read_only_folder_is_refused_before_evaluating(four_variants, image_da
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds the file being written through /proc")
 def test_a_full_disk_while_saving_a_checkpoint_stops_the_run_cleanly_and_resume_continues(image_data, tmp_path,
                                                                                            monkeypatch):
-    """The background writer's write of epoch 2's last.pth fails as a full disk does (at fsync): the run
-    stops with a message naming the file, last.pth still holds epoch 1, and --resume finishes the run."""
+    """The background writer's write of epoch 2's last.pth (--checkpoint_every 0: after every epoch) fails
+    as a full disk does (at fsync): the run stops with a message naming the file, last.pth still holds
+    epoch 1, and --resume finishes the run."""
     import errno
     import train
     real_fsync, failed = os.fsync, []
@@ -371,7 +372,7 @@ def test_a_full_disk_while_saving_a_checkpoint_stops_the_run_cleanly_and_resume_
         return real_fsync(fd)
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(UserError) as e:
-        train.main(train_args(image_data["train"], str(tmp_path), "--num_epochs", "3"))
+        train.main(train_args(image_data["train"], str(tmp_path), "--num_epochs", "3", "--checkpoint_every", "0"))
     monkeypatch.setattr(os, "fsync", real_fsync)
     msg = str(e.value)
     assert failed and "could not write" in msg and str(run / "last.pth") in msg and "disk is full" in msg

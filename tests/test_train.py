@@ -199,3 +199,89 @@ def test_no_keep_last_leaves_best_pth_only_and_the_run_still_evaluates(image_dat
     assert os.path.isfile(os.path.join(kept, "last.pth"))
     a, b = (json.load(open(os.path.join(r, "config.json")))["fingerprint"] for r in (run, kept))
     assert a == b                                            # the same run, only a file less
+
+
+def written_checkpoints(monkeypatch):
+    """[(file name, epoch)] of every checkpoint train.py writes from now on, in order."""
+    import utils
+    real, written = utils.save_checkpoint, []
+
+    def record(path, ckpt):
+        written.append((os.path.basename(path), ckpt["epoch"]))
+        real(path, ckpt)
+    monkeypatch.setattr(utils, "save_checkpoint", record)
+    monkeypatch.setattr(train, "save_checkpoint", record)
+    return written
+
+
+def test_checkpoints_are_held_in_memory_between_writes_and_the_weights_do_not_depend_on_it(image_data, tmp_path,
+                                                                                          monkeypatch):
+    written = written_checkpoints(monkeypatch)
+    held = run_train(image_data["train"], tmp_path / "held", "--num_epochs", "3")     # 60 s: 3 short epochs
+    assert [w for w in written if w[0] == "last.pth"] == [("last.pth", 3)]
+    best = json.load(open(os.path.join(held, "summary.json")))["best_epoch"]
+    assert torch.load(os.path.join(held, "best.pth"), weights_only=True)["epoch"] == best
+    assert [w for w in written if w[0] == "best.pth"] == [("best.pth", best)]         # the newest only
+    del written[:]
+    every = run_train(image_data["train"], tmp_path / "every", "--num_epochs", "3", "--checkpoint_every", "0")
+    assert [w for w in written if w[0] == "last.pth"] == [("last.pth", 1), ("last.pth", 2), ("last.pth", 3)]
+    a, b = (torch.load(os.path.join(r, "last.pth"), weights_only=True) for r in (held, every))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert json.load(open(os.path.join(held, "config.json")))["args"]["checkpoint_every"] == 60.0
+
+
+def test_no_keep_last_never_writes_the_last_epochs_last_pth(image_data, tmp_path, monkeypatch):
+    written = written_checkpoints(monkeypatch)
+    run = run_train(image_data["train"], tmp_path, "--num_epochs", "2", "--no-keep_last", "--checkpoint_every", "0",
+                    "--keep_selected", "train_acc")
+    assert ("last.pth", 1) in written and ("last.pth", 2) not in written
+    assert sorted(f for f in os.listdir(run) if f.endswith(".pth")) == ["best.pth"]
+
+
+def test_an_interrupt_writes_the_held_epoch_and_resume_gives_the_weights_of_an_uninterrupted_run(image_data,
+                                                                                                tmp_path):
+    def interrupt(epoch, metrics):
+        if epoch == 3:                       # epoch 3 trained, not recorded; epochs 1 and 2 only held so far
+            raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(image_data["train"], tmp_path / "a", "--num_epochs", "3"), epoch_done=interrupt)
+    assert e.value.code == 130
+    run = tmp_path / "a" / "baseline" / "1_0.1" / "run_1"
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+    assert "Interrupted during epoch 3 (KeyboardInterrupt); last.pth holds epoch 2" in (run / "train.log").read_text()
+    train.main(["--resume", str(run)])
+    straight = run_train(image_data["train"], tmp_path / "b", "--num_epochs", "3")
+    a, b = (torch.load(os.path.join(r, "last.pth"), weights_only=True)["model"] for r in (run, straight))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(l)["epoch"] for l in open(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_run_killed_outright_between_writes_trains_its_unsaved_epochs_again(image_data, tmp_path):
+    class Killed(Exception):
+        """Stands for SIGKILL: nothing of train.py runs after it."""
+
+    def kill(epoch, metrics):
+        if epoch == 3:
+            raise Killed
+    with pytest.raises(Killed):
+        train.main(train_args(image_data["train"], tmp_path / "a", "--num_epochs", "3"), epoch_done=kill)
+    run = tmp_path / "a" / "baseline" / "1_0.1" / "run_1"
+    assert not (run / "last.pth").exists() and len(open(run / "metrics.jsonl").readlines()) == 2
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "trai')                                  # a line cut off by the kill
+    train.main(["--resume", str(run)])
+    straight = run_train(image_data["train"], tmp_path / "b", "--num_epochs", "3")
+    a, b = (torch.load(os.path.join(r, "last.pth"), weights_only=True)["model"] for r in (run, straight))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert [m["epoch"] for m in epochs] == [1, 2, 3]
+    assert [m["train_acc"] for m in epochs] == [json.loads(l)["train_acc"] for l in open(straight + "/metrics.jsonl")]
+    assert "metrics.jsonl: 3 line(s) of epoch 1 or later dropped" in (run / "train.log").read_text()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_checkpoint_every_must_be_a_non_negative_number_of_seconds(image_data, tmp_path, value):
+    from utils import UserError
+    with pytest.raises(UserError, match="--checkpoint_every must be a number of seconds, 0 or more"):
+        run_train(image_data["train"], tmp_path, "--checkpoint_every", value)
+    assert not os.path.exists(tmp_path / "baseline")
