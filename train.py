@@ -570,7 +570,8 @@ def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches
             line = epoch_line(epoch, n, m, a["classes"])
             with signals_deferred():   # an interrupt here waits until the epoch is fully recorded
                 final = epoch == n
-                best = save_epoch(held, model, optimizer, epoch, m, best, cfg, last=not final or a.get("keep_last", True))
+                best = save_epoch(held, model, optimizer, epoch, m, best, cfg,
+                                  last=not final or a.get("keep_last", True))
                 if final or time.monotonic() - written_at >= every:
                     saver.save(*held.take())
                     written_at = time.monotonic()
@@ -582,7 +583,7 @@ def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches
     except (KeyboardInterrupt, Interrupted) as e:
         saver.wait()  # the checkpoints in flight complete; a half-written one is never renamed in
         held.write_now(saver)    # the last finished epoch's, if not written yet
-        on_disk = saver.written or start - 1
+        on_disk = saver.written if saver.written is not None else start - 1
         append_line(log, f"Interrupted during epoch {done + 1} ({type(e).__name__}); last.pth holds epoch {on_disk}; "
                          f"continue with: python3 train.py --resume {run_dir}")
         print(f"interrupted; continue with: python3 train.py --resume {run_dir}", file=sys.stderr)
@@ -598,7 +599,8 @@ def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches
         except WriteError:
             pass
         on_disk = saver.written if saver.written is not None else start - 1
-        msg = (f"{e}. The run stopped; {f'last.pth holds epoch {on_disk}, complete' if on_disk else 'no epoch was saved'}"
+        saved = f"last.pth holds epoch {on_disk}, complete" if on_disk else "no epoch was saved"
+        msg = (f"{e}. The run stopped; {saved}"
                f". Make room or fix the permissions, then continue with: python3 train.py --resume {run_dir}")
         try:
             append_line(log, f"Stopped: {msg}")
@@ -615,7 +617,7 @@ class Held:
     ORDER = ("best.pth", "best_balanced.pth", "last.pth")
 
     def __init__(self, run_dir):
-        self.run_dir, self.files, self.last_epoch = run_dir, {}, None
+        self.run_dir, self.files = run_dir, {}
 
     def put(self, name, ckpt):
         self.files[name] = ckpt
@@ -627,7 +629,7 @@ class Held:
         """-> ([(path, checkpoint)] to write, in ORDER; the epoch of the last.pth among them, else None);
         nothing is held afterwards."""
         jobs = [(os.path.join(self.run_dir, f), self.files[f]) for f in self.ORDER if f in self.files]
-        tag = self.last_epoch if "last.pth" in self.files else None
+        tag = self.files["last.pth"]["epoch"] if "last.pth" in self.files else None
         self.files = {}
         return jobs, tag
 
@@ -679,7 +681,6 @@ def save_epoch(held, model, optimizer, epoch, m, best, cfg, last=True):
     held.put("last.pth", {"model": snapshot(), "optimizer": opt_state, "epoch": epoch, "train_acc": m["train_acc"],
                           "best_epoch": best["train_acc"][0], "best_train_acc": best["train_acc"][1],
                           "best_balanced": list(best["balanced_train_acc"]), "rng": rng, "config": cfg})
-    held.last_epoch = epoch
     return best
 
 
