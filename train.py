@@ -634,14 +634,12 @@ class Held:
         return jobs, tag
 
     def write_now(self, saver):
-        """Write what is held, in this thread (after an interrupt or a stop); the saver records the epoch
-        of last.pth as written. A refused write is reported as the interrupted run's last line."""
-        jobs, tag = self.take()
+        """Write what is held through the saver and wait until it is on disk (after an interrupt or a
+        stop); the saver records the epoch of last.pth as written. A refused write is reported as the
+        interrupted run's last line."""
+        saver.save(*self.take())
         try:
-            for path, ckpt in jobs:
-                save_checkpoint(path, ckpt)
-            if tag is not None:
-                saver.written = tag
+            saver.wait()
         except WriteError as e:
             print(f"error: {e}; the checkpoints of the last finished epoch were not all written", file=sys.stderr)
 
