@@ -72,8 +72,10 @@ def get_args_parser():
                    "(e.g. 989 for an H100 SXM), to report the fraction of it that training reaches")
     p.add_argument("--train_flags", default="", help="extra train.py flags for the train measurement, mirrored "
                    "in its compute-only limit where they change it: e.g. --train_flags=\"--no-amp --compile\"")
-    p.add_argument("--skip", nargs="+", default=[], choices=["naive", "eval"], help="leave out the naive loop "
-                   "and/or the evaluation comparison")
+    p.add_argument("--skip", nargs="+", default=[], choices=["compute", "train", "naive", "eval"],
+                   help="leave out the compute measurement (the train measurement still times the compute-only "
+                   "limit), the train measurement (with compute and naive: only --concurrent and --jobs_threads), "
+                   "the naive loop and/or the evaluation comparison")
     p.add_argument("--concurrent", nargs="+", type=int, default=[], help="also measure the total training img/s "
                    "of N train.py processes started together on the device (first image and batch size), "
                    "e.g. 1 2 4 8")
@@ -105,23 +107,33 @@ def photo_like(rng, h, w):
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
-def make_jpeg_folder(root, per_class, seed):
-    """root/<class>/<i>.jpg, 400-600 px photos at JPEG quality 90; kept between calls."""
-    rng = np.random.default_rng(seed)
-    for c in CLASSES:
+def make_jpeg_folder(root, per_class, seed, workers=None):
+    """root/<class>/<i>.jpg, 400-600 px photos at JPEG quality 90, each from its own seed (seed, class,
+    i), written by a pool of processes (one per CPU); kept between calls."""
+    from concurrent.futures import ProcessPoolExecutor
+    jobs = []
+    for k, c in enumerate(CLASSES):
         os.makedirs(os.path.join(root, c), exist_ok=True)
-        for i in range(per_class):
-            path = os.path.join(root, c, f"{i:05d}.jpg")
-            if not os.path.exists(path):
-                h, w = (int(v) for v in rng.integers(400, 601, 2))
-                photo_like(rng, h, w).save(path, quality=90)
+        jobs += [(os.path.join(root, c, f"{i:05d}.jpg"), (seed, k, i)) for i in range(per_class)
+                 if not os.path.exists(os.path.join(root, c, f"{i:05d}.jpg"))]
+    chunks = [jobs[i:i + 64] for i in range(0, len(jobs), 64)]
+    if chunks:
+        with ProcessPoolExecutor(max_workers=min(workers or available_cpus(), len(chunks))) as pool:
+            list(pool.map(write_photos, chunks))
     return root
+
+
+def write_photos(jobs):
+    for path, key in jobs:
+        rng = np.random.default_rng(key)
+        h, w = (int(v) for v in rng.integers(400, 601, 2))
+        photo_like(rng, h, w).save(path, quality=90)
 
 
 # ---------------------------------------------------------------- measurements (one per process)
 
 def _device(name):
-    from train import resolve_device
+    from devices import resolve_device
     return resolve_device(name)
 
 
@@ -186,7 +198,7 @@ def compute_stepper(args, device):
                                                        torch.contiguous_format)
             optimizer = train.make_optimizer("adam", net.parameters(), 1e-3)
         tapped = train.Tapped(net, a["contrastive_layers"] if criterion.aux != "none" else ())
-        steps[method] = (torch.compile(tapped) if compiled else tapped, criterion, optimizer)
+        steps[method] = (train.compiled(tapped, compiled), criterion, optimizer)
 
     def step(method):
         net, criterion, optimizer = steps[method]
@@ -267,7 +279,7 @@ def measure_train(args, epochs=6):
             "compute_img_per_s": float(np.median(list(limit_rate.values()))),
             "vs_compute_limit": float(np.median([per_epoch[e - 1]["img_per_s"] / limit_rate[e] for e in steady])),
             "data_wait_fraction": float(np.median([per_epoch[e - 1]["data_wait_fraction"] for e in steady])),
-            "cache_MiB": cfg["cache_bytes"] / 2 ** 20, "whole_run_s": total}
+            "cache_MiB": cfg["cache_bytes"] / 2 ** 20, "whole_run_s": total, "data_path": cfg.get("data_path_used")}
 
 
 def measure_naive(args):
@@ -434,15 +446,16 @@ def measure_config(args, size, batch, cpu):
               + (f", CUDA {r[m]['peak_cuda_MiB']:.0f} MiB" if "peak_cuda_MiB" in r[m] else ""), flush=True)
     r["train_vs_compute_limit"] = r["train"]["vs_compute_limit"]
     r["train_vs_naive"] = r["train"]["img_per_s"] / r["naive"]["img_per_s"] if "naive" in r else None
-    r["contrastive_overhead"] = r["compute"].get("contrastive_overhead")
-    r["loss_overhead"] = r["compute"]["loss_overhead"]
+    r["contrastive_overhead"] = r.get("compute", {}).get("contrastive_overhead")
+    r["loss_overhead"] = r.get("compute", {}).get("loss_overhead", {})
     print(f"{size} px, batch {b}{' ' + args.train_flags if args.train_flags else ''}: train "
           f"{r['train']['img_per_s']:.1f} img/s vs compute limit "
           f"{r['train']['compute_img_per_s']:.1f} img/s in the same process = {r['train_vs_compute_limit']:.3f}; "
           + (f"train/naive {r['train_vs_naive']:.2f}x; " if r["train_vs_naive"] else "")
           + "loss overhead " + (", ".join(f"{m} {v:.3f}" for m, v in r["loss_overhead"].items()) or "not timed")
           + "; "
-          f"data wait {r['train']['data_wait_fraction']:.1%}; image cache {r['train']['cache_MiB']:.0f} MiB", flush=True)
+          f"data wait {r['train']['data_wait_fraction']:.1%}; image cache {r['train']['cache_MiB']:.0f} MiB, augmented on "
+          f"the {r['train'].get('data_path')}", flush=True)
     return r
 
 
@@ -527,11 +540,11 @@ def main():
     make_jpeg_folder(os.path.join(args.work_dir, "test"), test_per_class, seed=1)
     print(f"JPEG folders ready in {args.work_dir} ({time.time() - t0:.0f}s)", flush=True)
     import torch
-    from train import resolve_device
+    from devices import resolve_device
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({available_cpus()} cores, {cpu_name()})"
-    configs = [measure_config(args, size, batch, device.type == "cpu")
-               for size in args.img_sizes for batch in args.batch_sizes]
+    configs = [] if "train" in args.skip else [measure_config(args, size, batch, device.type == "cpu")
+                                               for size in args.img_sizes for batch in args.batch_sizes]
     evals = [] if "eval" in args.skip else [measure_eval_size(args, size) for size in args.eval_sizes or args.img_sizes]
     concurrent = []
     for n in args.concurrent:
@@ -558,7 +571,8 @@ def main():
                    "naive_img_per_s": c["naive"]["img_per_s"] if "naive" in c else None,
                    "train_vs_compute_limit": c["train_vs_compute_limit"],
                    "train_vs_naive": c["train_vs_naive"], "contrastive_overhead": c["contrastive_overhead"],
-                   "loss_overhead": c["loss_overhead"], "data_wait_fraction": c["train"]["data_wait_fraction"], "cache_MiB": c["train"]["cache_MiB"],
+                   "loss_overhead": c["loss_overhead"], "data_wait_fraction": c["train"]["data_wait_fraction"],
+                   "cache_MiB": c["train"]["cache_MiB"], "data_path": c["train"].get("data_path"),
                    "peak_rss_MiB": {m: c[m]["peak_rss_MiB"] for m in ("compute", "train", "naive") if m in c},
                    "peak_cuda_MiB": {m: c[m].get("peak_cuda_MiB") for m in ("compute", "train", "naive") if m in c},
                    **throughput_figures(c, args.peak_tflops)})

@@ -326,19 +326,33 @@ class PaperAugment:
             self._spaces[h, w] = space
         return self._spaces[h, w]
 
-    def _draw(self, x):
-        """-> ([(operation, magnitude)] of RandAugment, ColorJitter's order, its 3 factors), the draws that
-        RandAugment.forward and ColorJitter.make_params make, in their order."""
-        space, ops = self._space(x.shape[-2], x.shape[-1]), []
+    def _draw(self, x, generator=None):
+        return self.draw(x.shape[-2], x.shape[-1], generator)
+
+    def draw(self, h, w, generator=None):
+        """-> ([(operation, magnitude)] of RandAugment, ColorJitter's order, its 3 factors) for one H x W
+        image, the draws that RandAugment.forward and ColorJitter.make_params make, in their order, from
+        generator (None: torch's global one, as torchvision draws; a CPU generator seeded with s draws
+        what the global one seeded with s would)."""
+        g = generator
+        space, ops = self._space(h, w), []
         for _ in range(self.randaugment.num_ops):
-            name, signed, magnitude = space[int(torch.randint(len(space), ()))]
+            name, signed, magnitude = space[int(torch.randint(len(space), (), generator=g))]
             if magnitude is None:
                 magnitude = 0.0
-            elif signed and torch.rand(()) <= 0.5:
+            elif signed and torch.rand((), generator=g) <= 0.5:
                 magnitude *= -1
             ops.append((name, magnitude))
-        order = tuple(i for i in torch.randperm(4).tolist() if i < 3)   # 0 brightness, 1 contrast, 2 saturation
-        return ops, order, tuple(float(torch.empty(1).uniform_(*r).item()) for r in self._jitter_ranges)
+        # ColorJitter's order: 0 brightness, 1 contrast, 2 saturation (3, hue, is not used)
+        order = tuple(i for i in torch.randperm(4, generator=g).tolist() if i < 3)
+        factors = tuple(float(torch.empty(1).uniform_(*r, generator=g).item()) for r in self._jitter_ranges)
+        return ops, order, factors
+
+    def draws(self, images, seeds):
+        """Each image's draws from a generator seeded with its seed alone (torch's global generator is
+        not used: draws made in a thread beside the training loop stay the same)."""
+        g = torch.Generator()
+        return [self._draw(x, g.manual_seed(s)) for x, s in zip(images, seeds, strict=True)]
 
     def _randaugment_op(self, x, op):
         ra = self.randaugment
@@ -385,14 +399,7 @@ class PaperAugment:
         generator seeded with seeds[i] alone (torch's global state is left as it was)."""
         if torch.is_tensor(images):
             return self([images], None if seeds is None else [seeds])[0]
-        if seeds is None:
-            drawn = [self._draw(x) for x in images]
-        else:
-            with torch.random.fork_rng(devices=[]):
-                drawn = []
-                for x, s in zip(images, seeds, strict=True):
-                    torch.default_generator.manual_seed(s)
-                    drawn.append(self._draw(x))
+        drawn = [self._draw(x) for x in images] if seeds is None else self.draws(images, seeds)
         x = torch.stack(images)
         for k in range(self.randaugment.num_ops):
             self._randaugment_step(x, [d[0][k] for d in drawn])
@@ -469,10 +476,10 @@ class EpochBatches(torch.utils.data.Sampler):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def order(self):
-        """-> (image indices of the epoch, one draw seed per position), from numpy's PCG64 seeded with
-        (seed, epoch)."""
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def order(self, epoch=None):
+        """-> (image indices of the epoch (default: the one set), one draw seed per position), from numpy's
+        PCG64 seeded with (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
         if self.sampler == "uniform":
             order = rng.permutation(len(self.labels))
         else:   # per image: 1 / n_j (oversample) or sqrt(n_j) / n_j (sqrt), for an image of class j
@@ -484,7 +491,11 @@ class EpochBatches(torch.utils.data.Sampler):
         return self.length // self.batch_size + (self.length % self.batch_size > 1)
 
     def __iter__(self):
-        order, draws = self.order()
+        return self.batches_of(self.epoch)
+
+    def batches_of(self, epoch):
+        """The batches of one epoch, whatever epoch is set."""
+        order, draws = self.order(epoch)
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             yield [(int(i), int(s)) for i, s in zip(order[sl], draws[sl])]

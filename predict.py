@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 import camtrap
 import data
+from devices import DEVICES, resolve_device
 from model import build_trained, use_exact_float32
 from runs import RunNotReady, file_sha256, load_best
-from train import DEVICES, resolve_device
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, load_checkpoint, run_main,
                    write_json_atomic)
 

@@ -20,6 +20,8 @@ import torch
 from tqdm import tqdm
 
 import data
+import feed as feeds
+from devices import DATA_PATHS, DEVICES, check_threads, data_path, resolve_device, use_threads
 from losses import (AUX_LOSSES, CLASSIFICATION_LOSSES, DEFAULTS, SAMPLERS, Criterion, check_method, method_choices,
                     method_name)
 from model import (SMALL_MAP_CONVS, TAPPABLE, build_model, forward_with_taps, head_of, small_map_convs_of,
@@ -34,7 +36,7 @@ from utils import (BackgroundSaver, UserError, WriteError, append_line, availabl
 FINITE_CHECK_EVERY = 20  # steps between host syncs that check the loss is finite
 # flags that --resume accepts: they change how fast a run goes, not its result (see runs.run_settings)
 RESUME_FLAGS = ("device", "num_workers", "threads", "cache", "compile", "channels_last", "keep_last", "keep_selected",
-                "checkpoint_every")
+                "checkpoint_every", "data_path")
 
 
 def get_args_parser():
@@ -127,7 +129,15 @@ def get_args_parser():
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the decoded, resized uint8 training images in memory (N x 3 x S x S bytes; "
                    "the size is printed); --no-cache decodes each image on every visit")
-    g.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    g.add_argument("--data_path", default="auto", choices=DATA_PATHS, help="where the training images are "
+                   "augmented: device, the decoded images copied to the GPU once and augmented there batch by batch "
+                   "(the draws still made on the CPU: the same pixels); host, in DataLoader workers on the CPU; "
+                   "auto, device on CUDA when the cache takes at most a quarter of the GPU's free memory, else "
+                   "host (docs/training.md). The results do not depend on it")
+    g.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
+                   help="torch.compile the forward pass (and with it the backward), in torch.compile's mode: "
+                   "default (--compile alone), reduce-overhead (with CUDA graphs) or max-autotune-no-cudagraphs; "
+                   "off when not given (docs/performance.md has what each gave on one GPU)")
     g.add_argument("--keep_last", action=argparse.BooleanOptionalAction, default=True,
                    help="keep last.pth (weights, optimizer and RNG states, 3x the size of best.pth) once the run has "
                    "finished (default); --no-keep_last deletes it then: best.pth holds the evaluated model, and a "
@@ -162,17 +172,8 @@ class OnePixelFlag(argparse.Action):
         setattr(namespace, self.dest, "one_pixel" if value == "matmul" else "conv")
 
 
-DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-
-
-def resolve_device(name):
-    if name not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {name!r} is not valid; choose auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        "cpu" if name == "auto" else name)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def check_args(args):
@@ -207,12 +208,6 @@ def check_checkpoint_every(seconds):
     if not 0 <= seconds < float("inf"):
         raise UserError(f"--checkpoint_every must be a number of seconds, 0 or more (0: after every epoch), "
                         f"got {seconds}")
-
-
-def check_threads(threads):
-    if threads is not None and not 1 <= threads <= available_cpus():
-        raise UserError(f"--threads must be between 1 and the {available_cpus()} CPU(s) this process may use, "
-                        f"got {threads}")
 
 
 def given_flags(argv):
@@ -313,19 +308,43 @@ def build_train_data(cfg, run_dir):
     return dataset, labels
 
 
-def make_loader(dataset, labels, cfg, device, mp_context=None):
-    """-> (DataLoader, its EpochBatches). The stream is a pure function of (seed, epoch) whatever the
-    workers; mp_context is their start method (None: Python's default)."""
+def loader_workers(a, device):
+    """--num_workers of the training loader: as given, else min(8, CPUs) on CUDA and 0 on a CPU."""
+    return a["num_workers"] if a["num_workers"] is not None else (min(8, available_cpus())
+                                                                  if device.type == "cuda" else 0)
+
+
+def epoch_batches(labels, cfg):
     a = cfg["args"]
-    workers = a["num_workers"] if a["num_workers"] is not None else (min(8, available_cpus())
-                                                                     if device.type == "cuda" else 0)
-    batches = data.EpochBatches(labels, len(a["classes"]), a["batch_size"],
-                                method_choices(a)["sampler"], cfg["seed"])
+    return data.EpochBatches(labels, len(a["classes"]), a["batch_size"], method_choices(a)["sampler"], cfg["seed"])
+
+
+def make_feed(dataset, labels, cfg, device, path, start, mp_context=None):
+    """-> the run's feed.Feed for epochs start..num_epochs on the given path ('host' or 'device'). The
+    stream is a pure function of (seed, epoch) whatever the path and workers; mp_context is the
+    workers' start method (None: Python's default)."""
+    return feeds.Feed(dataset, epoch_batches(labels, cfg), start, cfg["args"]["num_epochs"], device, path,
+                      loader_workers(cfg["args"], device), mp_context)
+
+
+def make_loader(dataset, labels, cfg, device, mp_context=None):
+    """-> (DataLoader of one epoch, its EpochBatches: set_epoch before iterating), the host path's loader
+    as one epoch at a time."""
+    a = cfg["args"]
+    workers = loader_workers(a, device)
+    batches = epoch_batches(labels, cfg)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                                          persistent_workers=workers > 0,
                                          multiprocessing_context=mp_context if workers else None)
     return loader, batches
+
+
+def compiled(net, mode):
+    """net through torch.compile in mode (True, from runs of earlier versions, is 'default'); False: net."""
+    if not mode:
+        return net
+    return torch.compile(net) if mode in (True, "default") else torch.compile(net, mode=mode)
 
 
 def make_optimizer(name, params, lr):
@@ -446,18 +465,6 @@ def main(argv=None, epoch_done=None):
         torch.set_num_threads(before)    # a grid that runs cells in this process gets its own count back
 
 
-def use_threads(n):
-    """torch's intra-op threads (and its inter-op threads, where this process has not used them yet)
-    set to n, before the run's first operation; None leaves torch's default. -> the count in force."""
-    if n is not None:
-        torch.set_num_threads(n)
-        try:
-            torch.set_num_interop_threads(n)
-        except RuntimeError:
-            pass   # only settable once per process, before any inter-op work; intra-op is what training uses
-    return torch.get_num_threads()
-
-
 def train_run(run_dir, cfg, state, threads, epoch_done):
     a = cfg["args"]
     device = resolve_device(a["device"])
@@ -476,11 +483,12 @@ def train_run(run_dir, cfg, state, threads, epoch_done):
     if state:
         optimizer.load_state_dict(state["optimizer"])   # with the implementation the checkpoint was written with
     record_provenance(cfg, device, state, threads, optimizer)
+    cfg["data_path_used"] = data_path(a.get("data_path", "auto"), device, cfg["cache_bytes"], a["cache"])
     write_json_atomic(os.path.join(run_dir, "config.json"), cfg)
     counts = ", ".join(f"{c}: {v['used']}" for c, v in cfg["counts"].items())
     print(f"{run_dir}: {cfg['variant']} ratio {ratio_text(cfg['ratio'])}, images {counts}, "
-          f"seed {cfg['seed']}, device {device}, {threads} thread(s), cache {cfg['cache_bytes'] / 2**20:.0f} MiB",
-          file=sys.stderr)
+          f"seed {cfg['seed']}, device {device}, {threads} thread(s), cache {cfg['cache_bytes'] / 2**20:.0f} MiB, "
+          f"augmented on the {cfg['data_path_used']}", file=sys.stderr)
 
     start, best = 1, {"train_acc": (None, -1.0), "balanced_train_acc": (None, -1.0)}
     if state:
@@ -492,10 +500,12 @@ def train_run(run_dir, cfg, state, threads, epoch_done):
     forget_epochs_from(run_dir, start)
     criterion = Criterion(a, [cfg["counts"][c]["used"] for c in a["classes"]], device)
     net = Tapped(model, a["contrastive_layers"] if criterion.aux != "none" else ())
-    net = torch.compile(net) if a["compile"] else net
-    loader, batches = make_loader(dataset, labels, cfg, device)
-    best = train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches, device, start, best,
-                        epoch_done)
+    net = compiled(net, a["compile"])
+    feed = make_feed(dataset, labels, cfg, device, cfg["data_path_used"], start)
+    try:
+        best = train_epochs(run_dir, cfg, net, model, optimizer, criterion, feed, device, start, best, epoch_done)
+    finally:
+        feed.close()
     (epoch, acc), n = best["train_acc"], a["num_epochs"]
     selected = {"train_acc": epoch, "balanced_train_acc": best["balanced_train_acc"][0], "last": n}
     keep_selected_weights(run_dir, model, cfg, selected)
@@ -548,7 +558,7 @@ def keep_selected_weights(run_dir, model, cfg, selected):
                                                               "config": cfg})
 
 
-def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches, device, start, best, epoch_done):
+def train_epochs(run_dir, cfg, net, model, optimizer, criterion, feed, device, start, best, epoch_done):
     """Epochs start..num_epochs, each recorded (train.log, metrics.jsonl, its checkpoints) as a whole.
     Each epoch's checkpoints are snapshots held in memory and written by the background saver after
     the first epoch that ends --checkpoint_every seconds after the last write, after the last epoch
@@ -562,9 +572,9 @@ def train_epochs(run_dir, cfg, net, model, optimizer, criterion, loader, batches
     held, written_at = Held(run_dir), time.monotonic()
     try:
         for epoch in range(start, n + 1):
-            seed_epoch(cfg["seed"], epoch, batches)
+            seed_epoch(cfg["seed"], epoch, feed.batches)
             criterion.set_epoch(epoch)
-            m = train_one_epoch(net, loader, optimizer, criterion, device, cfg, f"epoch {epoch}/{n}")
+            m = train_one_epoch(net, feed.epoch(epoch), optimizer, criterion, device, cfg, f"epoch {epoch}/{n}")
             if epoch_done is not None:
                 epoch_done(epoch, m)
             line = epoch_line(epoch, n, m, a["classes"])

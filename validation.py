@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 import data
+from devices import DEVICES, check_threads, resolve_device, use_threads
 from model import (build_model, confusion_matrix, head_of, metrics_from_confusion, set_small_map_convs,
                    small_map_convs_of, use_exact_float32)
-from train import DEVICES, check_threads, resolve_device, use_threads
 from runs import (CELL_EXCLUDES, RUN_DIR_RE, SELECT_RULES, WEIGHT_FILES, WEIGHTS_REMOVED, RunNotReady, fingerprint,
                   chosen_epoch, is_complete, load_best, parse_train_log, run_number, run_settings, setting_differences)
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, run_main, write_json_atomic,

@@ -138,6 +138,16 @@ def test_compile_wraps_the_forward_pass(image_data, tmp_path, monkeypatch):
     run_train(image_data["train"], tmp_path, "--compile", "--contrastive")
     assert len(compiled) == 1 and isinstance(compiled[0], train.Tapped)
     assert compiled[0].taps == ("layer3", "layer4")
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: modes.append(mode) or module)
+    net = torch.nn.Linear(2, 2)
+    assert train.compiled(net, False) is net and modes == []
+    for mode in (True, "default", "reduce-overhead", "max-autotune-no-cudagraphs"):   # True: runs before modes
+        assert train.compiled(net, mode) is net
+    assert modes == [None, None, "reduce-overhead", "max-autotune-no-cudagraphs"]
+    args = train.get_args_parser().parse_args
+    assert args([]).compile is False and args(["--compile"]).compile == "default"
+    assert args(["--compile", "reduce-overhead", "--contrastive"]).compile == "reduce-overhead"
 
 
 def test_amp_and_channels_last_apply_on_cuda_only(monkeypatch):
