@@ -61,12 +61,13 @@ class Variants:
         self.index = {op: i for i, op in enumerate(self.ops)}
         self.first = {k: next((i for i, kind in enumerate(self.kind) if KINDS.index(kind) >= KINDS.index(k)),
                               len(self.ops)) for k in KINDS}
+        self.starts = torch.tensor([self.first[k] for k in KINDS] + [len(self.ops)])
         self.augment, self.h, self.w = augment, h, w
 
     def bounds(self, sorted_variants):
         """(num_ops, n) variants sorted per row -> (num_ops, len(KINDS) + 1) segment starts, per kind."""
-        starts = torch.tensor([self.first[k] for k in KINDS] + [len(self.ops)])
-        return torch.searchsorted(sorted_variants.contiguous(), starts.expand(len(sorted_variants), -1).contiguous())
+        return torch.searchsorted(sorted_variants.contiguous(),
+                                  self.starts.expand(len(sorted_variants), -1).contiguous())
 
     def tables(self, device):
         """The device's constants: pixel maps (moves, H*W) int64, value tables (values, 256) uint8, and per
@@ -89,9 +90,9 @@ class Variants:
 
 def draw_plan(augment, variants, keys, labels):
     """The draws of a batch of keys (image index, draw seed), each image's from a generator seeded with its
-    seed alone, as data.PaperAugment draws (torch's global generator is not used) -> a plan of CPU tensors: index, label (n,); variant (num_ops,
-    n); perm, the batch order sorted by variant per step, sorted (its variants), bounds (num_ops, kinds
-    + 1); order (n, 3) and factors (n, 3), ColorJitter's."""
+    seed alone, as data.PaperAugment draws (torch's global generator is not used) -> a plan of CPU
+    tensors: index, label (n,); variant (num_ops, n); perm, the batch order sorted by variant per step,
+    sorted (its variants), bounds (num_ops, kinds + 1); order (n, 3) and factors (n, 3), ColorJitter's."""
     g = torch.Generator()
     drawn = [augment.draw(variants.h, variants.w, g.manual_seed(seed)) for _, seed in keys]
     variant = torch.tensor([[variants.index[d[0][k]] for d in drawn] for k in range(augment.randaugment.num_ops)],
@@ -99,9 +100,22 @@ def draw_plan(augment, variants, keys, labels):
     ordered, perm = torch.sort(variant, dim=1, stable=True)
     return {"index": torch.tensor([i for i, _ in keys], dtype=torch.long),
             "label": torch.tensor([labels[i] for i, _ in keys], dtype=torch.long),
-            "perm": perm, "sorted": ordered, "bounds": variants.bounds(ordered),
+            "variant": variant, "perm": perm, "sorted": ordered, "bounds": variants.bounds(ordered),
             "order": torch.tensor([d[1] for d in drawn], dtype=torch.long).view(-1, 3),
             "factors": torch.tensor([d[2] for d in drawn], dtype=torch.float32).view(-1, 3)}
+
+
+def merge_plans(plans, variants):
+    """Consecutive batches' plans as one plan (the images one after the other, sorted by variant anew),
+    so that one application serves them all: the same pixels, fewer kernel launches per image."""
+    if len(plans) == 1:
+        return plans[0]
+    plan = {k: torch.cat([p[k] for p in plans], dim=1 if k == "variant" else 0)
+            for k in plans[0] if k not in ("perm", "sorted", "bounds")}
+    if "variant" in plan:
+        plan["sorted"], plan["perm"] = torch.sort(plan["variant"], dim=1, stable=True)
+        plan["bounds"] = variants.bounds(plan["sorted"])
+    return plan
 
 
 def apply_plan(x, plan, bounds, t):

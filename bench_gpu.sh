@@ -7,6 +7,7 @@
 # reduce-overhead (CUDA graphs), then one and two runs per card.
 #
 #     bash bench_gpu.sh                 # PEAK_TFLOPS=989 (H100 SXM / H200 dense bf16) unless set
+#     STAGES="cuda_tests device_path" bash bench_gpu.sh     # only the stages named
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${OUT:-bench_gpu_out}
@@ -21,6 +22,7 @@ common=(--device cuda --img_sizes 224 --peak_tflops "$peak" --images_per_class 2
 
 stage() {   # stage NAME SECONDS COMMAND...: run it for at most SECONDS, keep its output, note exit code and time
   local name=$1 limit=$2; shift 2
+  [[ -z ${STAGES:-} || " $STAGES " == *" $name "* ]] || return 0
   local t0=$SECONDS
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1
   echo "$name: exit $? in $((SECONDS - t0)) s" | tee -a "$out/stages.txt"
@@ -31,6 +33,6 @@ stage cuda_tests 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_feed
 stage device_path 120 python3 bench.py "${common[@]}" --batch_sizes 64 256 --train_flags="--data_path device"
 stage host_path 120 python3 bench.py "${common[@]}" --batch_sizes 64 256 --train_flags="--data_path host"
 stage compile 100 python3 bench.py "${common[@]}" --batch_sizes 64 --train_flags="--data_path device --compile"
-stage cudagraphs 100 python3 bench.py "${common[@]}" --batch_sizes 64 --train_flags="--data_path device --compile reduce-overhead"
+stage cudagraphs 130 python3 bench.py "${common[@]}" --batch_sizes 64 256 --train_flags="--data_path device --compile reduce-overhead"
 stage two_per_card 90 python3 bench.py "${common[@]}" --skip compute train naive eval --batch_sizes 64 \
   --train_flags="--data_path device" --concurrent 1 2

@@ -18,7 +18,9 @@ import torch
 import augment
 import data
 
-PREFETCH = 3            # batches the device path keeps ready ahead of the step
+PREFETCH = 3            # batches the device path keeps ready ahead of the step, at least
+CHUNK_IMAGES = 256      # the device path augments consecutive batches together up to this many images: a
+                        # batch of 64 costs as many kernel launches as one of 256 (docs/performance.md)
 
 
 class RunBatches(torch.utils.data.Sampler):
@@ -69,9 +71,12 @@ class Feed:
         self.it = iter(self.loader)
         self.thread = None
         if path == "device":
-            self.thread = DevicePrefetch(self.it, dataset.images.to(self.device),
-                                         augment.Applier(dataset.transform, self.device) if dataset.transform
-                                         else None, self.device)
+            applier = None
+            if dataset.transform is not None:
+                applier = augment.Applier(dataset.transform, self.device)
+                applier.variants(dataset.size, dataset.size)      # its constants reach the device now
+            self.thread = DevicePrefetch(self.it, dataset.images.to(self.device), applier, self.device,
+                                         max(1, CHUNK_IMAGES // batches.batch_size))
 
     def epoch(self, epoch):
         return Epoch(self)
@@ -103,40 +108,55 @@ class Epoch:
 
 class DevicePrefetch(threading.Thread):
     """Takes plans from the loader, picks their images from the device's cache and applies them, on its
-    own CUDA stream, PREFETCH batches ahead; get() hands the next batch to the current stream without
+    own CUDA stream, at least PREFETCH batches ahead, `chunk` consecutive batches at a time (one
+    application for all of them, then split); get() hands the next batch to the current stream without
     a host sync (the current stream waits for the batch's event)."""
 
-    def __init__(self, plans, cache, applier, device):
+    def __init__(self, plans, cache, applier, device, chunk=1):
         super().__init__(daemon=True)
-        self.plans, self.cache, self.applier, self.device = plans, cache, applier, device
+        self.plans, self.cache, self.applier, self.device, self.chunk = plans, cache, applier, device, chunk
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(device))   # the cache's upload
-        self.ready, self.stopping = queue.Queue(maxsize=PREFETCH), threading.Event()
+        self.ready, self.stopping = queue.Queue(maxsize=max(PREFETCH, 2 * chunk)), threading.Event()
         self.start()
 
     def prepare(self, plan):
+        """A plan (CPU tensors, pinned on CUDA) -> (uint8 images (n, 3, S, S), labels (n,)) on the device."""
         bounds = plan.pop("bounds").tolist() if "bounds" in plan else None
         p = {k: v.to(self.device, non_blocking=True) for k, v in plan.items()}
-        x = self.cache.index_select(0, p["index"])                       # (B, 3, S, S) uint8
+        x = self.cache.index_select(0, p["index"])                       # (n, 3, S, S) uint8
         if self.applier is not None:
             x = self.applier(x, p, bounds)
         return x, p["label"]
 
+    def prepare_chunk(self, plans):
+        """Consecutive batches' plans -> their batches, prepared together."""
+        sizes = [len(p["index"]) for p in plans]
+        if self.applier is None:
+            merged = {k: torch.cat([p[k] for p in plans]) for k in ("index", "label")}
+        else:
+            merged = augment.merge_plans(plans, self.applier.variants(*self.cache.shape[-2:]))
+        x, y = self.prepare(merged)
+        return list(zip(x.split(sizes), y.split(sizes)))
+
     def run(self):
         try:
-            for plan in self.plans:
-                if self.stopping.is_set():
+            plans = iter(self.plans)
+            while not self.stopping.is_set():
+                chunk = [p for _, p in zip(range(self.chunk), plans)]
+                if not chunk:
                     return
                 if self.cuda:
                     with torch.cuda.stream(self.stream):
-                        batch = self.prepare(plan)
+                        batches = self.prepare_chunk(chunk)
                         done = torch.cuda.Event()
                         done.record(self.stream)
                 else:
-                    batch, done = self.prepare(plan), None
-                self.put((batch, done, None))
+                    batches, done = self.prepare_chunk(chunk), None
+                for batch in batches:
+                    self.put((batch, done, None))
         except BaseException as e:          # handed to the training loop, which raises it
             self.put((None, None, e))
 

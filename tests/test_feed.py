@@ -162,14 +162,18 @@ def test_applying_a_plan_makes_no_host_synchronising_operation():
     applier = augment.Applier(aug, "cpu")
     labels = [0, 1] * 32
     cache = sample_images(64, 40, seed=5)
-    plan = feed.Draws(labels, 40, aug).__getitems__([(i, 1000 + i) for i in range(64)])
-    assert len({v for row in plan["sorted"].tolist() for v in row}) > 12          # most kinds of operation
+    draws = feed.Draws(labels, 40, aug)
+    plans = [draws.__getitems__([(i, 1000 + i) for i in range(b, b + 16)]) for b in range(0, 64, 16)]
+    assert len({v for p in plans for row in p["sorted"].tolist() for v in row}) > 12    # most kinds of operation
     prefetch = feed.DevicePrefetch.__new__(feed.DevicePrefetch)
     prefetch.device, prefetch.cache, prefetch.applier = torch.device("cpu"), cache, applier
     applier.variants(40, 40)                                                        # constants made once, before
     with SyncingOps() as mode:
-        x, y = prefetch.prepare(dict(plan))
-    assert mode.found == [] and x.shape == cache.shape and torch.equal(y, torch.tensor(labels))
+        batches = prefetch.prepare_chunk(plans)                  # four batches of 16 augmented together
+    assert mode.found == [] and [len(x) for x, _ in batches] == [16] * 4
+    assert torch.equal(torch.cat([y for _, y in batches]), torch.tensor(labels))
+    expected = torch.stack(aug(list(cache), [1000 + i for i in range(64)]))
+    assert torch.equal(torch.cat([x for x, _ in batches]), expected)
 
 
 def test_data_path_choice_and_its_errors(image_data, tmp_path):
@@ -270,12 +274,13 @@ def test_a_cuda_batch_is_prepared_with_no_host_sync():
     applier.variants(64, 64)
     prefetch = feed.DevicePrefetch.__new__(feed.DevicePrefetch)
     prefetch.device, prefetch.cache, prefetch.applier = torch.device("cuda"), cache, applier
-    plan = feed.Draws(labels, 64, aug).__getitems__([(i, 7 * i) for i in range(256)])
-    plan = {k: v.pin_memory() for k, v in plan.items()}
+    draws = feed.Draws(labels, 64, aug)
+    plans = [{k: v.pin_memory() for k, v in draws.__getitems__([(i, 7 * i) for i in range(b, b + 64)]).items()}
+             for b in range(0, 256, 64)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        x, _ = prefetch.prepare(plan)
+        batches = prefetch.prepare_chunk(plans)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert x.shape == (256, 3, 64, 64)
+    assert [x.shape for x, _ in batches] == [(64, 3, 64, 64)] * 4
