@@ -154,7 +154,7 @@ def predict_paths(paths, models, device, args, workers, progress=None):
 # ---------------------------------------------------------------- decision rule
 
 def parse_threshold(text, classes):
-    cls, _, value = (text or "").partition("=")
+    cls, _, value = (text or "").rpartition("=")         # a class name may hold '='; a probability cannot
     try:
         p = float(value)
     except ValueError:
@@ -261,17 +261,13 @@ def plan_rows(paths, args):
     if not os.path.isdir(args.images):
         raise UserError(f"--detections needs --images to be the folder the detector ran on (its 'file' paths are "
                         f"relative to it); {args.images} is not a folder")
-    records = camtrap.read_detections(args.detections)
-    on_disk = {camtrap.relative_key(p, args.images): p for p in paths}
+    entries = camtrap.read_detections(args.detections)
+    matched, unmatched = camtrap.match_detections(entries, paths, args.images, f"--detections {args.detections}")
     planned = []
-    for key in sorted(set(records) | set(on_disk)):
-        path = on_disk.get(key) or camtrap.resolve_file(key, args.images)
-        record = records.get(key)
+    for path in paths:
+        record = matched.get(path)
         if record is None:
             planned.append(((path, ""), None, {"status": "not in --detections"}))
-            continue
-        if key not in on_disk and not os.path.isfile(path):
-            planned.append(((path, ""), None, {"status": "missing: not in --images"}))
             continue
         animals, status = camtrap.image_status(record, args.min_conf)
         if not animals:
@@ -279,29 +275,112 @@ def plan_rows(paths, args):
         for k, conf, bbox in animals:
             planned.append(((path, str(k)), (path, bbox), {"detection": str(k), "bbox": json.dumps(bbox),
                                                            "detection_conf": f"{conf:.4f}"}))
+    for e in unmatched:
+        planned.append(((camtrap.resolve_file(e["file"], args.images), ""), None,
+                        {"status": "missing: not in --images"}))
     return planned
 
 
-def row_key(row):
-    return row["path"], row.get("detection", "")
+def output_paths(args):
+    """{what: path} of every file predict.py writes (not the folders)."""
+    out = os.path.abspath(args.out)
+    found = {"--out": out, "the JSON beside --out": os.path.splitext(out)[0] + ".json"}
+    if args.calibrate:
+        found["the calibration figure"] = os.path.splitext(out)[0] + "_threshold.png"
+    if args.html:
+        found["--html"] = os.path.abspath(args.html)
+    return found
+
+
+def own_outputs_left_out(paths, args):
+    """The input images without those predict.py wrote itself into the --images folder: its
+    thumbnails (--html's _thumbs folder) and the images it sorted (--sort_into), which a re-run would
+    otherwise classify too."""
+    mine = [os.path.realpath(d) + os.sep for d in
+            ([os.path.splitext(os.path.abspath(args.html))[0] + "_thumbs"] if args.html else [])
+            + ([args.sort_into] if args.sort_into else [])]
+    return [p for p in paths if not any(os.path.realpath(p).startswith(d) for d in mine)]
+
+
+def check_outputs(args, paths):
+    """Refuse, before anything is written, an output that is an input (the detections file, the list
+    of images, the checkpoint, a photo), that is another output, or that exists and is another
+    program's file (only predict.py's own JSON record and review page are rewritten)."""
+    outputs = output_paths(args)
+    if os.path.splitext(outputs["--out"])[1].lower() == ".json":
+        raise UserError(f"--out {args.out}: give a .csv name; the JSON record beside it takes the same name with "
+                        f".json, which would be this file")
+    inputs = {"--detections": args.detections, "--checkpoint": args.checkpoint,
+              "--images": args.images if os.path.isfile(args.images) else None}
+    photos = {os.path.normcase(os.path.realpath(p)) for p in paths}
+    seen = {}
+    for what, path in outputs.items():
+        real = os.path.normcase(os.path.realpath(path))
+        for flag, given in inputs.items():
+            if given and os.path.exists(given) and os.path.exists(path) and os.path.samefile(given, path):
+                raise UserError(f"{what} would be {path}, the file given to {flag}; give outputs other names "
+                                f"(e.g. --out {os.path.splitext(args.out)[0]}_predictions.csv)")
+        if real in photos:
+            raise UserError(f"{what} would be {path}, one of the images to classify; give it another name")
+        if real in seen:
+            raise UserError(f"{what} and {seen[real]} would both be {path}; give them different names")
+        seen[real] = what
+    meta = outputs["the JSON beside --out"]
+    if os.path.isfile(meta) and not is_own_record(meta):
+        raise UserError(f"--out {args.out}: its JSON record would be {meta}, which exists and is not predict.py's "
+                        f"(another program's file is never overwritten); give --out another name")
+    if args.html and os.path.isfile(args.html) and not is_own_page(args.html):
+        raise UserError(f"--html {args.html} exists and is not a review page of predict.py; give another name "
+                        f"(another program's file is never overwritten)")
+
+
+def is_own_record(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        return isinstance(doc, dict) and {"csv", "classes", "models"} <= set(doc)
+    except (OSError, ValueError):
+        return False
+
+
+def is_own_page(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+        return camtrap.PAGE_GENERATOR in head or ('id="classes"' in head and "candidates</title>" in head)
+    except OSError:
+        return False
+
+
+def row_key(path, detection=""):
+    """A row's identity, whatever spelling of the --images folder it was listed under."""
+    return os.path.normcase(os.path.realpath(path)), detection
 
 
 def done_paths(out, header):
-    """Keys (path, detection) of the rows already in the CSV (an earlier, interrupted run of the same
-    command). A last line cut off by the interruption is removed first, so that no row is ever
-    written twice."""
-    if not os.path.isfile(out):
+    """Keys (row_key) of the rows already in the CSV (an earlier, interrupted run of the same command).
+    The file is first recognised as predict.py's predictions with these columns (its first line is
+    their header), and left untouched otherwise; then a last line cut off by the interruption is
+    removed, so that no row is ever written twice."""
+    if not os.path.isfile(out) or os.path.getsize(out) == 0:
         return set()
-    with open(out, "rb+") as f:
+    with open(out, "rb") as f:
         content = f.read()
-        if content and not content.endswith(b"\n"):
+    first = content.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        found = next(csv.reader([first.decode("utf-8")]))
+    except (UnicodeDecodeError, csv.Error, StopIteration):
+        found = None
+    if found != header:
+        what = (f"holds predictions with other columns ({', '.join(found)})" if found and found[0] == "path"
+                else "is not a predictions CSV of predict.py (its first line is not the header "
+                     f"{','.join(header[:2])},...)")
+        raise UserError(f"--out {out} {what}; it was left as it is. Give a new --out for these predictions")
+    if not content.endswith(b"\n"):
+        with open(out, "rb+") as f:
             f.truncate(content.rfind(b"\n") + 1)
     with open(out, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames and reader.fieldnames != header:
-            raise UserError(f"--out {out} holds predictions with other columns ({', '.join(reader.fieldnames)}); "
-                            f"give a new --out for these runs")
-        return {row_key(row) for row in reader}
+        return {row_key(row["path"], row.get("detection", "")) for row in csv.DictReader(f)}
 
 
 def sort_into(folder, path, label):
@@ -329,7 +408,8 @@ def main(argv=None):
     use_exact_float32()
     device = resolve_device(args.device)
     workers = decoding_workers(args.num_workers)
-    paths = list_inputs(args.images)
+    paths = own_outputs_left_out(list_inputs(args.images), args)
+    check_outputs(args, paths)
     ensure_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     if args.sort_into:
         ensure_output_dir(args.sort_into, "--sort_into")
@@ -360,7 +440,7 @@ def main(argv=None):
     done = done_paths(args.out, header)
     if done:
         check_same_rule(args.out, meta_path, rule, len(done))
-    todo = [row for row in planned if row[0] not in done]
+    todo = [row for row in planned if row_key(*row[0]) not in done]
     new_file = not os.path.isfile(args.out) or os.path.getsize(args.out) == 0
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "csv": os.path.abspath(args.out), "classes": classes,
             **rule, "calibration": calibration, "images": os.path.abspath(args.images),
@@ -383,8 +463,7 @@ def main(argv=None):
             f.flush()
     counts = summarise(args.out, classes, len(done))
     if args.html:
-        shown = camtrap.review_page(args.out, args.html, classes, rare, threshold[1] if threshold and
-                                    threshold[0] == rare else None)
+        shown = camtrap.review_page(args.out, args.html, classes, rare, threshold)
         counts["html"] = os.path.abspath(args.html)
         print(f"review page: {args.html} ({shown['candidates']} candidate(s) for {rare})")
     write_json_atomic(meta_path, {**meta, "finished": True, "counts": counts})
@@ -463,4 +542,5 @@ def summarise(out, classes, resumed):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted: the rows written so far are kept; run the same command again to "
+                               "continue")

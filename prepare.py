@@ -13,7 +13,8 @@ person, vehicle, the detector's failure, not in the detections file); those are 
 split: a labelled folder -> out/train/<class>/, out/valid/<class>/ and, with --calibration_fraction,
 out/calibration/<class>/ (hard links, else copies),
 seeded, keeping groups whole: frames of one burst (EXIF capture times at most --burst_seconds apart
-in one folder) and, with --by folder, every sub-folder of a class (e.g. one per camera site). Photos
+in one folder) and, with --by folder, every folder directly below a class folder with all below it
+(e.g. one per camera site, whatever cards or months it holds). Photos
 of one burst or site are near-duplicates; split across train and valid they make every accuracy and
 every calibrated threshold optimistic. out/split.csv records each image's group and side.
 """
@@ -46,8 +47,9 @@ def get_args_parser():
     s.add_argument("--calibration_fraction", type=float, default=0.0, help="share for a third part, out/calibration/: "
                    "labelled images apart from valid for predict.py --calibrate (0: none)")
     s.add_argument("--by", choices=("burst", "folder"), default="burst", help="burst: frames at most "
-                   "--burst_seconds apart in one folder stay together; folder: each sub-folder of a class "
-                   "(a camera site) stays together, images directly in the class folder by burst")
+                   "--burst_seconds apart in one folder stay together; folder: each folder directly below a "
+                   "class folder (a camera site), with every folder below it (its cards, its months), stays "
+                   "together, images directly in the class folder by burst")
     s.add_argument("--burst_seconds", type=float, default=10.0, help="largest gap between two frames of a burst")
     s.add_argument("--seed", type=int, default=0, help="which groups go to valid")
     s.add_argument("--classes", nargs="+", default=None, help="class folders to use (default: all)")
@@ -64,17 +66,18 @@ def crops(args):
     camtrap.check_min_conf(args.min_conf)
     detections = camtrap.read_detections(args.detections)
     new_output_dir(args.out)
-    summary = camtrap.write_crops(args.images, detections, args.out, args.min_conf, args.classes)
+    summary = camtrap.write_crops(args.images, detections, args.out, args.min_conf, args.classes,
+                                  f"--detections {args.detections}")
     summary.update({"images_root": os.path.abspath(args.images), "detections": os.path.abspath(args.detections),
                     "min_conf": args.min_conf, "margin": data.CROP_MARGIN})
     write_json_atomic(os.path.join(args.out, "crops.json"), summary)
     skipped = sum(summary["no_animal"].values()) + summary["not_in_detections"]
+    why = [f"{k} {n}" for k, n in sorted(summary["no_animal"].items())]
+    why += [f"not in --detections {summary['not_in_detections']}"] if summary["not_in_detections"] else []
     print(f"{summary['crops']} crop(s) of {summary['images']} photo(s) in {args.out}: "
           + ", ".join(f"{c} {n}" for c, n in summary["per_class"].items())
-          + f"; {skipped} photo(s) without an animal at or above {args.min_conf} not used ("
-          + ", ".join(f"{k} {n}" for k, n in sorted(summary["no_animal"].items()))
-          + (f", not in --detections {summary['not_in_detections']}" if summary["not_in_detections"] else "")
-          + f"): listed in {os.path.join(args.out, 'crops.csv')}")
+          + f"; {skipped} photo(s) without an animal at or above {args.min_conf} not used"
+          + (f" ({', '.join(why)})" if why else "") + f": listed in {os.path.join(args.out, 'crops.csv')}")
     if summary["missing_images"]:
         print(f"{len(summary['missing_images'])} file(s) of --detections are not in --images, e.g. "
               + ", ".join(summary["missing_images"][:5]))

@@ -53,11 +53,15 @@ def command_line(doc):
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
 
 
-def run_main(main):
+def run_main(main, interrupted="interrupted"):
     """Call main(); turn UserError, and an OSError of a file system that refused (read-only, full, a
-    file in the way), into 'error: ...' on stderr and exit code 2."""
+    file in the way), into 'error: ...' on stderr and exit code 2, and Ctrl-C into the line
+    interrupted and exit code 130 (no traceback)."""
     try:
         return main()
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -201,14 +201,14 @@ def test_training_crops_are_the_pixels_prediction_classifies(four_variants, card
     prepare.main(["crops", "--images", str(labelled), "--detections", md2, "--out", str(tmp_path / "crops")])
     made = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "crops").replace(os.sep, "/")
                   for d, _, fs in os.walk(tmp_path / "crops") for f in fs if f.endswith(".png"))
-    assert made == ["roe-deer/site-x/one__det0.png", "water-deer/site-x/two__det0.png",
-                    "water-deer/site-x/two__det2.png"]
+    assert made == ["roe-deer/site-x/one.jpg__det0.png", "water-deer/site-x/two.jpg__det0.png",
+                    "water-deer/site-x/two.jpg__det2.png"]
     listed = {r["image"]: r for r in rows(tmp_path / "crops" / "crops.csv")}
     assert listed["water-deer/site-x/empty.jpg"]["status"] == "empty"
     summary = json.load(open(tmp_path / "crops" / "crops.json"))
     assert summary["crops"] == 3 and summary["no_animal"] == {"empty": 1}
     assert summary["missing_images"] == ["roe-deer/site-x/elsewhere.jpg"]
-    with Image.open(tmp_path / "crops" / "water-deer" / "site-x" / "two__det2.png") as im:
+    with Image.open(tmp_path / "crops" / "water-deer" / "site-x" / "two.jpg__det2.png") as im:
         left, top, right, bottom = data.crop_box(96, 64, [0.85, 0.7, 0.15, 0.3])
         assert im.size == (right - left, bottom - top) and right == 96 and bottom == 64      # at the border
     predict.main(["--run", runs["proposed"], "--images", str(labelled), "--detections", md2,
@@ -217,7 +217,7 @@ def test_training_crops_are_the_pixels_prediction_classifies(four_variants, card
     by_crop = {os.path.basename(r["path"]): r for r in rows(tmp_path / "c.csv")}
     for r in rows(tmp_path / "d.csv"):
         if r["status"] == "ok":
-            twin = by_crop[os.path.splitext(os.path.basename(r["path"]))[0] + f"__det{r['detection']}.png"]
+            twin = by_crop[os.path.basename(r["path"]) + f"__det{r['detection']}.png"]
             assert [r[f"prob[{c}]"] for c in CLASSES] == [twin[f"prob[{c}]"] for c in CLASSES]
     with pytest.raises(UserError, match="already holds files"):
         prepare.main(["crops", "--images", str(labelled), "--detections", md2, "--out", str(tmp_path / "crops")])
