@@ -150,6 +150,53 @@ def match_detections(entries, paths, root, flag):
     return matched, unmatched
 
 
+CLASSIFIER = "fscl predict.py"      # info.classifier of the files --md_out writes: how it knows its own
+
+
+def is_own_output(path):
+    """Whether path is a detections file with classifications that predict.py --md_out wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        return isinstance(doc, dict) and str(doc.get("info", {}).get("classifier", "")).startswith(CLASSIFIER)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_classified(detections_path, images_root, csv_path, out_path, classes, rule):
+    """The detections file again, each classified animal detection of the predictions CSV with its
+    'classifications': [[class id, probability], ...] for every class, most probable first (the
+    format's convention), 'classification_categories' {id: class} and, in 'info', the classifier,
+    the time and the decision rule (which the CSV's 'predicted' column applies: with a threshold it
+    can differ from the first classification). Every other field and image as they were. -> the
+    number of detections classified."""
+    with open(detections_path, encoding="utf-8") as f:
+        doc = json.load(f)
+    if doc.get("classification_categories"):
+        raise UserError(f"--md_out: {detections_path} already holds another classifier's classifications; "
+                        f"this one's cannot be added beside them in one file (the format has one category list)")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        probs = {(_real(r["path"]), r["detection"]): [float(r[f"prob[{c}]"]) for c in classes]
+                 for r in csv.DictReader(f) if r["status"] == "ok" and r.get("detection", "") != ""}
+    n = 0
+    for entry in doc["images"]:
+        real = _real(resolve_file(entry["file"], images_root))
+        for k, det in enumerate(entry.get("detections") or []):
+            p = probs.get((real, str(k)))
+            if p is not None:
+                det["classifications"] = sorted(([str(j), round(v, 6)] for j, v in enumerate(p)),
+                                                key=lambda c: -c[1])
+                n += 1
+    info = doc.setdefault("info", {})
+    info.setdefault("format_version", "1.4")
+    info.update(classifier=f"{CLASSIFIER}: ResNet-18 trained by train.py on {', '.join(classes)}",
+                classification_completion_time=datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+                classifier_metadata={"decision_rule": rule, "predictions_csv": os.path.abspath(csv_path)})
+    doc["classification_categories"] = {str(j): c for j, c in enumerate(classes)}
+    write_text_atomic(out_path, json.dumps(doc, indent=1))
+    return n
+
+
 def image_status(record, min_conf):
     """(animal detections at or above min_conf as [(index, conf, bbox)], status of the image when it
     has none): 'failure: ...' for an image the detector could not read, else 'person' or 'vehicle'
@@ -341,21 +388,27 @@ PAGE_GENERATOR = "predict.py review page"      # in every page's head: how predi
 
 
 def thumbnail(path, bbox, dest):
-    """A small JPEG of the whole photo (with the detection's box drawn when bbox is given) -> True, or
-    False when the photo cannot be read. Kept when it already exists."""
+    """A small JPEG of what the model classified: the whole photo, or with bbox the detection's crop
+    (data.crop_box: a small animal far from the camera is a few pixels of the whole photo), the
+    detection's box drawn in it -> True, or False when the photo cannot be read. Kept when it already
+    exists."""
     if os.path.isfile(dest):
         return True
     try:
         with Image.open(path) as im:
             if im.width * im.height > data.MAX_PIXELS:
                 return False
-            im.draft("RGB", (THUMB * 2, THUMB * 2))       # JPEG: decode at a reduced scale, much faster
+            if bbox is None:
+                im.draft("RGB", (THUMB * 2, THUMB * 2))   # JPEG: decode at a reduced scale, much faster
             im = data._to_rgb(ImageOps.exif_transpose(im))
-            im.thumbnail((THUMB, THUMB))
             if bbox is not None:
+                left, top, right, bottom = data.crop_box(im.width, im.height, bbox)
                 x, y, w, h = bbox
                 ImageDraw.Draw(im).rectangle([x * im.width, y * im.height, (x + w) * im.width - 1,
-                                              (y + h) * im.height - 1], outline=(255, 215, 0), width=2)
+                                              (y + h) * im.height - 1], outline=(255, 215, 0),
+                                             width=max(1, (right - left) // 96))
+                im = im.crop((left, top, right, bottom))
+            im.thumbnail((THUMB, THUMB))
             im.save(dest + ".tmp", format="JPEG", quality=80)
             os.replace(dest + ".tmp", dest)
             return True
@@ -454,7 +507,8 @@ table {{ border-collapse: collapse; margin-bottom: 1em; }} td {{ padding: 2px 10
 <h2>Predicted classes</h2><table id="classes">{class_rows}</table>
 <h2>Without an animal to classify</h2><table id="others">{other_rows or '<tr><td>none</td><td></td></tr>'}</table>
 <h2>Sorted by P({html.escape(rare)}), highest first ({len(ok)})</h2>
-<p>Red frame: predicted {html.escape(rare)}. Each thumbnail opens its photo.</p>{note}
+<p>Red frame: predicted {html.escape(rare)}. With detections a thumbnail is the crop the model classified
+(the detector's box in yellow); each thumbnail opens its whole photo.</p>{note}
 <div class="grid">
 {chr(10).join(cards)}
 </div></body></html>

@@ -13,7 +13,10 @@ With --detections (MegaDetector's batch-output JSON for the --images folder) eac
 or above --min_conf is classified as a crop of its photo, one row per detection; a photo without one
 gets one row with the status empty, person or vehicle (or the detector's failure) and no class.
 --html writes a review page: the counts, and the rare class's candidates as thumbnails sorted by its
-probability, with the line where the decision rule falls.
+probability, with the line where the decision rule falls. --md_out writes the detections file again
+with each animal's classes added, for the tools that read MegaDetector's format. Every row carries
+its site (the first folder below --images) and EXIF capture time. --select picks each run's epoch by
+one of validation.py's rules. No output may be an input or another program's file.
 """
 import csv
 import filecmp
@@ -35,7 +38,7 @@ import camtrap
 import data
 from devices import DEVICES, resolve_device
 from model import build_trained, use_exact_float32
-from runs import RunNotReady, file_sha256, load_best
+from runs import SELECT_RULES, RunNotReady, file_sha256, load_best
 from utils import (UserError, command_line, decoding_workers, ensure_output_dir, load_checkpoint, run_main,
                    write_json_atomic)
 
@@ -47,6 +50,10 @@ def get_args_parser():
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", nargs="+", help="one or more run folders (several: probabilities averaged)")
     g.add_argument("--checkpoint", help="a train.py checkpoint file (best.pth or last.pth) instead of a run")
+    p.add_argument("--select", default="train_acc", choices=SELECT_RULES, help="the epoch of each --run, as "
+                   "validation.py --select: train_acc (the paper's rule: the highest Train Acc), balanced_train_acc "
+                   "(the highest mean of the per-class training accuracies: the rare class weighs as much as the "
+                   "common one) or last")
     p.add_argument("--images", required=True, help="a folder (searched recursively, hidden files and folders "
                    "skipped) or a text file with one image path per line")
     p.add_argument("--out", required=True, help="CSV file of predictions; a JSON file with the same name beside it")
@@ -62,6 +69,10 @@ def get_args_parser():
                    "which its 'file' paths are relative to): classify each animal detection as a crop")
     p.add_argument("--min_conf", type=float, default=camtrap.MIN_CONF, help="with --detections: the smallest "
                    "detection confidence kept (MegaDetector v5's typical threshold; 0.05 is its conservative one)")
+    p.add_argument("--md_out", metavar="FILE", help="with --detections: write the detections file again with "
+                   "every classified animal's class probabilities added in the format's 'classifications' "
+                   "(and 'classification_categories', the classifier in 'info'), every other field and image as "
+                   "it was: for Timelapse, AddaxAI and the other tools that read MegaDetector's format")
     p.add_argument("--html", metavar="FILE", help="a review page: counts per class, and the candidates of the "
                    "rare class (--rare, or the class of --threshold) as thumbnails sorted by its probability "
                    "(thumbnails in FILE's name + _thumbs/)")
@@ -85,7 +96,7 @@ def load_models(args, device):
     else:
         for run_dir in args.run:
             try:
-                cfg, ckpt, _, _ = load_best(run_dir)
+                cfg, ckpt, _, _ = load_best(run_dir, args.select)
             except RunNotReady as e:
                 raise UserError(f"--run {run_dir}: {e}")
             sources.append((run_dir, cfg, ckpt))
@@ -289,6 +300,8 @@ def output_paths(args):
         found["the calibration figure"] = os.path.splitext(out)[0] + "_threshold.png"
     if args.html:
         found["--html"] = os.path.abspath(args.html)
+    if args.md_out:
+        found["--md_out"] = os.path.abspath(args.md_out)
     return found
 
 
@@ -329,6 +342,11 @@ def check_outputs(args, paths):
     if os.path.isfile(meta) and not is_own_record(meta):
         raise UserError(f"--out {args.out}: its JSON record would be {meta}, which exists and is not predict.py's "
                         f"(another program's file is never overwritten); give --out another name")
+    if args.md_out and not args.detections:
+        raise UserError("--md_out writes the detections file with classifications added: give --detections too")
+    if args.md_out and os.path.isfile(args.md_out) and not camtrap.is_own_output(args.md_out):
+        raise UserError(f"--md_out {args.md_out} exists and was not written by predict.py; give another name "
+                        f"(another program's file is never overwritten)")
     if args.html and os.path.isfile(args.html) and not is_own_page(args.html):
         raise UserError(f"--html {args.html} exists and is not a review page of predict.py; give another name "
                         f"(another program's file is never overwritten)")
@@ -435,7 +453,7 @@ def main(argv=None):
     planned = plan_rows(paths, args)
     rule = decision_rule(args, models, threshold, calibration)
     extra = ["detection", "bbox", "detection_conf"] if args.detections else []
-    header = ["path", *extra, "predicted", *(f"prob[{c}]" for c in classes), "status"]
+    header = ["path", "site", "capture_time", *extra, "predicted", *(f"prob[{c}]" for c in classes), "status"]
     meta_path = os.path.splitext(args.out)[0] + ".json"
     done = done_paths(args.out, header)
     if done:
@@ -457,11 +475,16 @@ def main(argv=None):
             label = decide(probs, classes, threshold) if probs is not None else ""
             if args.sort_into and (probs is not None or cells["status"] in ("empty", *camtrap.NON_ANIMAL)):
                 sort_into(args.sort_into, path, label or cells["status"])   # before its row: a row means sorted
-            writer.writerow([path, *(cells.get(c, "") for c in extra), label,
-                             *(f"{v:.6f}" for v in (probs if probs is not None else [])),
+            writer.writerow([path, site_of(path, args.images), capture_text(path), *(cells.get(c, "") for c in extra),
+                             label, *(f"{v:.6f}" for v in (probs if probs is not None else [])),
                              *([""] * len(classes) if probs is None else []), cells["status"]])
             f.flush()
     counts = summarise(args.out, classes, len(done))
+    if args.md_out:
+        n = camtrap.write_classified(args.detections, args.images, args.out, args.md_out, classes,
+                                          {**rule, "threshold": meta["threshold"]})
+        counts["md_out"] = {"path": os.path.abspath(args.md_out), "classified_detections": n}
+        print(f"{args.md_out}: {n} animal detection(s) classified, in MegaDetector's format")
     if args.html:
         shown = camtrap.review_page(args.out, args.html, classes, rare, threshold)
         counts["html"] = os.path.abspath(args.html)
@@ -491,7 +514,7 @@ def decision_rule(args, models, threshold, calibration):
             "threshold": {"class": threshold[0], "p": threshold[1]} if threshold else None,
             "calibration_rule": ({"folder": calibration["folder"], "rare": calibration["class"],
                              "target_recall": calibration["target_recall"]} if calibration else None),
-            "precision": args.precision,
+            "precision": args.precision, "select": None if args.checkpoint else args.select,
             "detections": ({"sha256": file_sha256(args.detections), "min_conf": args.min_conf}
                            if args.detections else None)}
 
@@ -504,6 +527,7 @@ def check_same_rule(out, meta_path, rule, n_done):
             recorded = json.load(f)
         recorded = {k: recorded.get(k) if k == "detections" else recorded[k]
                     for k in ("models", "threshold", "calibration_rule", "precision", "detections")}
+        recorded["select"] = recorded_select(recorded, meta_path)
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"--out {out} already holds {n_done} prediction(s), but {meta_path} does not record the "
                         f"models, threshold and precision that made them, so they cannot be continued under this "
@@ -515,6 +539,14 @@ def check_same_rule(out, meta_path, rule, n_done):
                         f"new --out for this rule (or delete {out} to start again)")
 
 
+def recorded_select(recorded, meta_path):
+    """The rule of model selection a record was made under (records before --select: the paper's)."""
+    with open(meta_path, encoding="utf-8") as f:
+        doc = json.load(f)
+    return doc.get("select", None if recorded["models"] and recorded["models"][0]["source"].endswith(".pth")
+                   else "train_acc")
+
+
 def rule_differences(a, b, prefix=""):
     """'key: A vs B' for every leaf where two nested rule dicts (or lists) differ."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -524,12 +556,31 @@ def rule_differences(a, b, prefix=""):
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} vs {b!r}"]
 
 
+def site_of(path, images):
+    """The photo's site: the first folder below the --images folder (as prepare.py split --by folder
+    groups); empty for a photo directly in it, outside it, or with a list of paths as --images."""
+    if not os.path.isdir(images):
+        return ""
+    rel = camtrap.relative_key(path, images)
+    return rel.split("/", 1)[0] if "/" in rel and not rel.startswith("../") else ""
+
+
+def capture_text(path):
+    """The photo's EXIF capture time as YYYY-MM-DD HH:MM:SS, empty when it has none (or is not there)."""
+    t = camtrap.capture_time(path) if os.path.isfile(path) else None
+    return t.strftime("%Y-%m-%d %H:%M:%S") if t else ""
+
+
 def summarise(out, classes, resumed):
     """Print and return the CSV's counts: rows, per predicted class, and per status of the rows
-    without a class (empty, person, vehicle, failure, unreadable, ...)."""
+    without a class (empty, person, vehicle, failure, unreadable, ...), in all and per site."""
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     counts, status = camtrap.count_rows(rows, classes)
+    per_site = {}
+    for site in sorted({r["site"] for r in rows}):
+        c, s = camtrap.count_rows([r for r in rows if r["site"] == site], classes)
+        per_site[site] = {"per_class": c, "without_class": s}
     what = "row(s) (detections and images)" if rows and "detection" in rows[0] else "image(s)"
     print(f"{len(rows)} {what} in {out}" + (f" ({resumed} from an earlier run)" if resumed else "") + ": "
           + ", ".join(f"{c} {n}" for c, n in counts.items())
@@ -538,7 +589,7 @@ def summarise(out, classes, resumed):
     for r in [r for r in rows if r["status"] != "ok"
               and r["status"].split(":", 1)[0] in ("unreadable", "failure", "missing")][:20]:
         print(f"  {r['path']}: {r['status']}")
-    return {"rows": len(rows), "per_class": counts, "without_class": status}
+    return {"rows": len(rows), "per_class": counts, "without_class": status, "per_site": per_site}
 
 
 if __name__ == "__main__":

@@ -110,6 +110,78 @@ def test_absolute_dot_and_backslash_paths_give_one_row_per_detection_and_crops_f
     assert sorted(os.listdir(tmp_path / "c" / "roe-deer")) == ["a.jpg__det0.png", "b.jpg__det0.png", "b.jpg__det1.png"]
 
 
+def test_megadetectors_own_paths_through_crops_split_and_predict_to_a_classified_file_its_validator_accepts(
+        four_variants, tmp_path):
+    """Absolute, './' and backslash entries: crops for every animal, a split of them, one row per
+    detection or photo with its site and capture time, and --md_out: the file with classifications,
+    which MegaDetector's own validator accepts, every other field as it was."""
+    from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
+    _, runs = four_variants
+    lab = tmp_path / "labelled"
+    for c, colour in (("water-deer", RED), ("roe-deer", BLUE)):
+        for s in ("site-1", "site-2"):
+            for i in range(2):
+                photo(lab / c / s / f"{i}.jpg", colour, size=(80, 60), seed=i, when=f"2026:05:0{i + 1} 10:00:00")
+    spellings = [lambda rel: str(lab / rel), lambda rel: "./" + rel, lambda rel: rel.replace("/", "\\")]
+    entries = [{"file": spellings[n % 3](f"{c}/{s}/{i}.jpg"), "detections": [ANIMAL]}
+               for n, (c, s, i) in enumerate((c, s, i) for c in ("water-deer", "roe-deer")
+                                             for s in ("site-1", "site-2") for i in range(2))]
+    prepare.main(["crops", "--images", str(lab), "--detections", detections_file(tmp_path / "lab.json", entries),
+                  "--out", str(tmp_path / "crops")])
+    crops = [r for r in rows(tmp_path / "crops" / "crops.csv") if r["status"] == "ok"]
+    assert len(crops) == 8 and all(os.path.isfile(tmp_path / "crops" / r["crop"]) for r in crops)
+    prepare.main(["split", "--images", str(tmp_path / "crops"), "--out", str(tmp_path / "split"), "--by", "folder"])
+    assert len(rows(tmp_path / "split" / "split.csv")) == 8
+
+    card = tmp_path / "card"
+    photo(card / "site-1" / "a.jpg", RED, size=(80, 60), when="2026:06:01 04:30:00")
+    photo(card / "site-1" / "b.jpg", BLUE, size=(80, 60))
+    photo(card / "site-2" / "c.jpg", BLUE, size=(80, 60))
+    md = detections_file(tmp_path / "card.json", [
+        {"file": str(card / "site-1" / "a.jpg"), "detections": [ANIMAL, {**ANIMAL, "bbox": [0.6, 0.1, 0.3, 0.3]}]},
+        {"file": "./site-1/b.jpg", "detections": [{**ANIMAL, "category": "2"}]},
+        {"file": "site-2\\c.jpg", "detections": [{**ANIMAL, "conf": 0.7}], "custom": "kept"}])
+    got = run_predict(runs, card, tmp_path / "p.csv", "--detections", md, "--md_out", str(tmp_path / "classified.json"))
+    assert sorted((r["site"], r["detection"], r["status"]) for r in got) == [
+        ("site-1", "", "person"), ("site-1", "0", "ok"), ("site-1", "1", "ok"), ("site-2", "0", "ok")]
+    assert {r["capture_time"] for r in got if r["path"].endswith("a.jpg")} == {"2026-06-01 04:30:00"}
+    counts = json.load(open(tmp_path / "p.json"))["counts"]
+    assert sum(counts["per_site"]["site-1"]["per_class"].values()) == 2
+    assert counts["per_site"]["site-1"]["without_class"] == {"person": 1} and counts["md_out"]["classified_detections"] == 3
+    out = json.load(open(tmp_path / "classified.json"))
+    options = ValidateBatchResultsOptions()
+    options.raise_errors = True
+    assert validate_batch_results(str(tmp_path / "classified.json"), options)["validation_results"]["errors"] == []
+    original = json.load(open(md))
+    assert out["classification_categories"] == {"0": "water-deer", "1": "roe-deer"}
+    assert out["images"][2]["custom"] == "kept" and out["info"]["detector"] == original["info"]["detector"]
+    for before, after in zip(original["images"], out["images"]):
+        assert before["file"] == after["file"]
+        for d0, d1 in zip(before["detections"], after["detections"]):
+            assert {k: v for k, v in d1.items() if k != "classifications"} == d0
+    first = out["images"][0]["detections"][0]["classifications"]
+    row = next(r for r in got if r["path"].endswith("a.jpg") and r["detection"] == "0")
+    assert sorted(first, key=lambda c: c[0]) == [["0", float(row["prob[water-deer]"])], ["1", float(row["prob[roe-deer]"])]]
+    assert first[0][1] >= first[1][1] and "classifications" not in out["images"][1]["detections"][0]
+    with pytest.raises(UserError, match="the file given to --detections"):
+        run_predict(runs, card, tmp_path / "q.csv", "--detections", md, "--md_out", md)
+    with pytest.raises(UserError, match="--md_out .* was not written by predict.py"):
+        run_predict(runs, card, tmp_path / "q.csv", "--detections", md, "--md_out", str(tmp_path / "lab.json"))
+    run_predict(runs, card, tmp_path / "p.csv", "--detections", md, "--md_out", str(tmp_path / "classified.json"))
+
+
+def test_predict_selects_each_runs_epoch_by_the_rule_given_and_resumes_only_under_it(four_variants, small_card,
+                                                                                    tmp_path, monkeypatch):
+    _, runs = four_variants
+    seen = []
+    real = predict.load_best
+    monkeypatch.setattr(predict, "load_best", lambda run, rule="train_acc": seen.append(rule) or real(run, rule))
+    run_predict(runs, small_card, tmp_path / "p.csv", "--select", "balanced_train_acc")
+    assert seen == ["balanced_train_acc"] and json.load(open(tmp_path / "p.json"))["select"] == "balanced_train_acc"
+    with pytest.raises(UserError, match="select: 'balanced_train_acc' vs 'last'"):
+        run_predict(runs, small_card, tmp_path / "p.csv", "--select", "last")
+
+
 def test_a_detections_file_that_names_no_photo_of_the_folder_is_an_error(four_variants, small_card, tmp_path):
     _, runs = four_variants
     md = detections_file(tmp_path / "md.json", [{"file": "/cards/2024/site-1/a.jpg", "detections": [ANIMAL]},
@@ -260,6 +332,15 @@ def test_thumbnails_of_a_new_card_with_the_same_file_names_and_of_a_changed_box_
     os.utime(a, ns=(10**18, 10**18))
     photo(tmp_path / "card" / "IMG_0001.JPG", BLUE, seed=7)                       # the next card's photo
     assert camtrap.thumb_name(a, "0", [0.1, 0.1, 0.2, 0.2]) != first
+
+
+def test_a_detections_thumbnail_is_the_crop_the_model_classified(tmp_path):
+    from PIL import Image
+    a = photo(tmp_path / "a.jpg", RED, size=(400, 300))
+    assert camtrap.thumbnail(a, [0.1, 0.2, 0.1, 0.1], str(tmp_path / "crop.jpg"))
+    assert camtrap.thumbnail(a, None, str(tmp_path / "whole.jpg"))
+    with Image.open(tmp_path / "crop.jpg") as crop, Image.open(tmp_path / "whole.jpg") as whole:
+        assert crop.size == (48, 48) and whole.size == (192, 144)    # 1.2 x 40 px square; the photo at 192 px
 
 
 def test_the_review_page_draws_a_line_only_where_the_rule_is_a_cut_on_the_rare_class(tmp_path):

@@ -295,6 +295,9 @@ def test_the_readme_camera_trap_commands_run_as_written(tmp_path):
     assert linked["empty"] == ["1.jpg"] and linked["person"] == ["2.jpg"]
     assert sum(len(v) for c, v in linked.items() if c in CLASSES) >= 5     # 5 photos with an animal, by class
     assert "roe-deer candidates" in (tmp_path / "review.html").read_text()
-    cfg = json.load(open(tmp_path / "my_runs" / "proposed" / "all" / "run_1" / "config.json"))
+    cfg = json.load(open(tmp_path / "my_runs" / "oversampling" / "all" / "run_1" / "config.json"))
+    assert json.load(open(tmp_path / "predictions.json"))["select"] == "balanced_train_acc"
+    classified = json.load(open(tmp_path / "new_photos_classified.json"))
+    assert sum("classifications" in d for im in classified["images"] for d in im["detections"]) == 6
     train_rows = [r for r in split if r["side"] == "train"]
     assert [cfg["counts"][c]["used"] for c in CLASSES] == [sum(r["class"] == c for r in train_rows) for c in CLASSES]
