@@ -414,6 +414,10 @@ def main(argv=None):
         raise UserError(f"--reference {args.reference}: no such method under {args.save_root} ({' '.join(names)})")
     if reference in names and len(names) > 1:
         rows, notes = compare(results, reference, minority, majority, args.alpha)
+        if not rows:
+            print(f"no comparison with {reference}: no other method has an evaluated run at a ratio {reference} has"
+                  + (f" ({'; '.join(notes)})" if notes else ""))
+            return
         cmp_md = comparison_markdown(rows, reference, args.alpha, minority, majority, notes, args.select)
         write_text_atomic(os.path.join(out, "comparison.md"), cmp_md)
         write_text_atomic(os.path.join(out, "comparison.csv"), comparison_csv(rows))

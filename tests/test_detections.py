@@ -111,10 +111,14 @@ def test_absolute_dot_and_backslash_paths_give_one_row_per_detection_and_crops_f
 
 
 def test_megadetectors_own_paths_through_crops_split_and_predict_to_a_classified_file_its_validator_accepts(
-        four_variants, tmp_path):
+        four_variants, tmp_path, monkeypatch):
     """Absolute, './' and backslash entries: crops for every animal, a split of them, one row per
     detection or photo with its site and capture time, and --md_out: the file with classifications,
     which MegaDetector's own validator accepts, every other field as it was."""
+    from PIL import ImageFile
+    # megadetector's visualization_utils, imported by the validator, sets PIL's LOAD_TRUNCATED_IMAGES for
+    # the whole process when imported; the tests of truncated files that follow need PIL's default back
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", ImageFile.LOAD_TRUNCATED_IMAGES)
     from megadetector.postprocessing.validate_batch_results import ValidateBatchResultsOptions, validate_batch_results
     _, runs = four_variants
     lab = tmp_path / "labelled"

@@ -1,5 +1,6 @@
 """Methods as data: the table, the folder names, the flags' checks, the square-root sampler, and
 every new method end to end through reproduce.py, validation.py, report.py and predict.py."""
+import csv
 import json
 import os
 
@@ -112,11 +113,11 @@ def test_every_new_method_trains_evaluates_reports_and_predicts(image_data, tmp_
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(valid) + "\n")
     predict.main(["--run", str(ldam), "--images", str(listing), "--out", str(out)])
-    rows = [line.split(",") for line in open(out).read().splitlines()[1:]]
-    truth = ["water-deer" if "/water-deer/" in r[0] else "roe-deer" for r in rows]
+    rows = list(csv.DictReader(open(out, newline="")))
+    truth = ["water-deer" if "/water-deer/" in r["path"] else "roe-deer" for r in rows]
     pred_cm = np.zeros((2, 2), int)
     for t, r in zip(truth, rows):
-        pred_cm[["water-deer", "roe-deer"].index(t), ["water-deer", "roe-deer"].index(r[1])] += 1
+        pred_cm[["water-deer", "roe-deer"].index(t), ["water-deer", "roe-deer"].index(r["predicted"])] += 1
     assert (pred_cm == cm).all()                                       # predict.py agrees with validation.py
 
 

@@ -144,6 +144,14 @@ def test_a_method_without_any_evaluated_run_is_listed_not_a_traceback(tmp_path, 
         report.main(["--save_root", str(tmp_path)])
 
 
+def test_one_evaluated_method_beside_one_without_any_cell_writes_its_tables_and_no_comparison(tmp_path, capsys):
+    write_results(tmp_path, "proposed", {0.1: {k: (0.6 + 0.01 * k, 0.9, 0.3) for k in range(1, 4)}})
+    write_results(tmp_path, "baseline", {})
+    report.main(["--save_root", str(tmp_path)])
+    assert (tmp_path / "table1.md").is_file() and not (tmp_path / "comparison.png").exists()
+    assert "no comparison with proposed: no other method has an evaluated run" in capsys.readouterr().out
+
+
 def test_runs_are_paired_by_recorded_seed_and_planned_images_not_by_folder_number(tmp_path):
     ref = {k: (0.50 + 0.01 * k, 0.9, 0.5) for k in range(1, 5)}                 # seed k in run_k
     # la's run_7 was trained with --seed 1, run_8 with --seed 2; run_3 has seed 3 but other images
