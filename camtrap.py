@@ -503,7 +503,8 @@ table {{ border-collapse: collapse; margin-bottom: 1em; }} td {{ padding: 2px 10
 .line {{ flex-basis: 100%; border-top: 3px dashed #d33; color: #d33; padding-top: 4px; margin: 6px 0; }}
 </style></head><body>
 <h1>{html.escape(rare)} candidates</h1>
-<p>{html.escape(os.path.abspath(csv_path))}: {len(rows)} row(s).</p>
+<p><a href="{href(csv_path, page_dir)}">{html.escape(os.path.relpath(os.path.abspath(csv_path), page_dir))}</a>:
+{len(rows)} row(s).</p>
 <h2>Predicted classes</h2><table id="classes">{class_rows}</table>
 <h2>Without an animal to classify</h2><table id="others">{other_rows or '<tr><td>none</td><td></td></tr>'}</table>
 <h2>Sorted by P({html.escape(rare)}), highest first ({len(ok)})</h2>
