@@ -375,3 +375,59 @@ def test_a_class_with_an_equals_sign_in_its_name_can_be_thresholded_and_ctrl_c_i
     with pytest.raises(SystemExit) as e:
         run_main(interrupted, interrupted="interrupted: run it again to continue")
     assert e.value.code == 130 and "run it again to continue" in capsys.readouterr().err
+
+
+def test_the_review_page_of_a_card_of_fashion_mnist_garments_in_a_browser(tmp_path):
+    """The docs' screenshot: a model trained for 3 epochs on 150 T-shirts and 150 shirts (32 px), a
+    'card' of 24 scenes with one garment each where a detector would put its box, predict.py's review
+    page for the shirts, opened in headless chromium: every thumbnail (the crops) loads.
+    REVIEW_SCREENSHOT=docs/review_page.png writes the screenshot there."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    import demo
+    from conftest import run_train
+    from test_camtrap import browser
+    if not os.path.isdir(demo.DEBIAN_DIR):
+        pytest.skip("no Fashion-MNIST here (Debian: apt-get install dataset-fashion-mnist)")
+    roots = demo.build_image_folders(demo.DEBIAN_DIR, str(tmp_path / "fmnist"), ["fine"], limit=150)["fine"]
+    run = run_train(roots["train"], tmp_path / "runs", "--num_epochs", "3", ratio="1:1",
+                    classes=("tshirt-top", "shirt"))
+    rng, card, entries = np.random.default_rng(0), tmp_path / "card", []
+    garments = [os.path.join(roots["valid"], c, f) for c in ("tshirt-top", "shirt")
+                for f in sorted(os.listdir(os.path.join(roots["valid"], c)))[:12]]
+    for i, g in enumerate(garments):
+        low = rng.integers(60, 140, (6, 8, 3)) * np.array([0.8, 1.0, 0.6])          # grass and soil
+        scene = Image.fromarray(low.astype(np.uint8)).resize((320, 240), Image.BICUBIC)
+        side = int(rng.integers(60, 120))
+        x, y = int(rng.integers(0, 320 - side)), int(rng.integers(0, 240 - side))
+        scene.paste(Image.open(g).convert("RGB").resize((side, side), Image.BILINEAR), (x, y))
+        rel = f"site-{i % 3}/IMG_{i:04d}.JPG"
+        os.makedirs(card / os.path.dirname(rel), exist_ok=True)
+        scene.save(card / rel, quality=90)
+        entries.append({"file": rel, "detections": [{"category": "1", "conf": round(float(rng.uniform(0.5, 0.99)), 3),
+                                                     "bbox": [x / 320, y / 240, side / 320, side / 240]}]})
+    md = detections_file(tmp_path / "card_md.json", entries)
+    page = tmp_path / "review" / "shirts.html"
+    predict.main(["--run", run, "--images", str(card), "--detections", md, "--out", str(tmp_path / "review" / "p.csv"),
+                  "--threshold", "shirt=0.5", "--html", str(page), "--num_workers", "0"])
+    driver = browser()
+    try:
+        driver.get(page.as_uri())
+        driver.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+        import time
+        deadline = time.time() + 20
+        while time.time() < deadline and not driver.execute_script(
+                "return [...document.images].every(i => i.complete)"):
+            time.sleep(0.2)
+        loaded = driver.execute_script("return [...document.images].map(i => i.naturalWidth)")
+        assert len(loaded) == 24 and all(w > 0 for w in loaded)
+        driver.execute_script("window.scrollTo(0, 0)")
+        shot = tmp_path / "review.png"
+        driver.save_screenshot(str(shot))
+        if os.environ.get("REVIEW_SCREENSHOT"):
+            shutil.copy(shot, os.environ["REVIEW_SCREENSHOT"])
+    finally:
+        driver.quit()
