@@ -14,6 +14,7 @@
 import gzip
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -48,6 +49,11 @@ def get_args_parser():
                    "CPUs allow at one thread each, measured fastest on 2 cores)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (reproduce.py --threads; "
                    "default 1); the thread count changes the last bits of the weights, so the tables too")
+    p.add_argument("--cpu_isa", choices=tuple(CPU_ISA), default="avx2", help="the instruction set the runs' "
+                   "CPU kernels may use (torch's vectorised kernels, oneDNN, MKL): avx2 gives the tables of "
+                   "docs/results.md on CPUs with AVX-512 too (measured: an AVX-512 AMD EPYC gave the AVX2 one's "
+                   "tables number for number); native lets each kernel use the CPU's best, which changes the last "
+                   "bits and, through 3 epochs, the accuracies. A variable already set in the environment wins")
     p.add_argument("--keep_weights", action="store_true", help="keep each run's best.pth (45 MB each, 2.1 GB for the "
                    "48 runs) after its evaluation, e.g. for predict.py; by default a condition's weights are removed "
                    "once its tables are written (runs.remove_weights records which), and a re-run reuses the recorded "
@@ -110,6 +116,22 @@ def build_image_folders(source, data_dir, conditions, limit=None, classes=None):
 
 # ---------------------------------------------------------------- the reduced ablation
 
+# environment variables that cap the kernels at AVX2 (runs.ISA_VARIABLES, recorded in each run's
+# config.json): torch's own vectorised kernels, oneDNN's convolutions, MKL's matrix products (its
+# conditional numerical reproducibility, the same code path on Intel and AMD)
+CPU_ISA = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+           "native": {}}
+
+
+def isa_env(args):
+    """-> the variables --cpu_isa sets for reproduce.py, those not already set in this environment (none
+    on a processor other than x86-64, where they mean nothing)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    return {k: v for k, v in CPU_ISA[args.cpu_isa].items() if k not in os.environ}
+
+
 def reproduce_command(args, cond, roots):
     return [sys.executable, os.path.join(HERE, "reproduce.py"),
             "--train_data_root", roots[cond]["train"], "--test_data_root", roots[cond]["valid"],
@@ -143,10 +165,12 @@ def main(argv=None):
     bad = [c for c in args.conditions if c not in CONDITIONS]
     if bad:
         raise UserError(f"--conditions {' '.join(bad)}: choose from {' '.join(CONDITIONS)}")
+    env = isa_env(args)
+    prefix = "".join(f"{k}={v} " for k, v in env.items())
     if args.dry_run:
         roots = {c: {s: os.path.join(args.data_dir, c, s) for s in SPLITS} for c in args.conditions}
         for cond in args.conditions:
-            print(" ".join(reproduce_command(args, cond, roots)))
+            print(prefix + " ".join(reproduce_command(args, cond, roots)))
         return
     ensure_output_dir(args.data_dir, "--data_dir")
     if not args.build_only:
@@ -158,8 +182,8 @@ def main(argv=None):
         return
     for cond in args.conditions:
         cmd = reproduce_command(args, cond, roots)
-        print(f"\n== {cond}-grained condition: {' vs '.join(CONDITIONS[cond])}\n$ {' '.join(cmd)}", flush=True)
-        if subprocess.run(cmd).returncode != 0:
+        print(f"\n== {cond}-grained condition: {' vs '.join(CONDITIONS[cond])}\n$ {prefix}{' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd, env={**os.environ, **env}).returncode != 0:
             raise UserError(f"reproduce.py stopped on the {cond} condition (its message is above); re-run "
                             f"python3 demo.py to continue where it stopped")
         if not (args.keep_weights or args.keep_last):

@@ -171,14 +171,23 @@ SLURM_ENV = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "ar
              "node": "SLURMD_NODENAME"}
 
 
+# the environment variables that cap the instruction set of the CPU's float32 kernels (demo.py --cpu_isa)
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def record_provenance(cfg, device, state, threads, optimizer):
     """Where and with what the run was made (with the Slurm job, array task and node when it ran as one,
-    and torch's thread count, the CPU's model and the optimizer's implementation, as the optimizer about
+    and torch's thread count, the CPU's model, the instruction set torch's kernels use and the variables
+    that cap it, and the optimizer's implementation, as the optimizer about
     to train has it: these change the last bits of training); a resume appends its own entry and keeps
     the original."""
     here = {"git_commit": git_commit(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "device": str(device), "threads": threads, "host": platform.node(),
-            "cpu": cpu_name(), "optimizer_impl": "fused" if optimizer.param_groups[0].get("fused") else "loop"}
+            "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "optimizer_impl": "fused" if optimizer.param_groups[0].get("fused") else "loop"}
+    isa = {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}
+    if isa:
+        here["isa_caps"] = isa
     if "SLURM_JOB_ID" in os.environ:
         here["slurm"] = {k: os.environ.get(v) for k, v in SLURM_ENV.items()}
     if "git_commit" not in cfg:

@@ -114,8 +114,9 @@ def get_args_parser():
     g.add_argument("--small_map_convs", default="matmul", choices=SMALL_MAP_CONVS, help="how a convolution on "
                    "a map no larger than its kernel is computed (ResNet-18's last two stages at 32 px, the last at "
                    "64 px): matmul (default), as the matrix product of the input pixels with the taps that reach "
-                   "them; one_pixel, the same for one-pixel outputs only (as --one_pixel_convs matmul, the version "
-                   "before); conv, torch's convolution over all taps, as versions before either. Faster on a CPU "
+                   "them; one_pixel, the same for one-pixel outputs only (--one_pixel_convs matmul; the default from "
+                   "commit ef15a16 to 6a7b7fc); conv, torch's convolution over all taps (the default before ef15a16). "
+                   "Faster on a CPU "
                    "(docs/performance.md); the same model and math; they differ in the weights' last bits, not the "
                    "experiment: recorded in config.json, not in the fingerprint")
     g.add_argument("--one_pixel_convs", dest="small_map_convs", choices=("matmul", "conv"), action=OnePixelFlag,
@@ -145,7 +146,7 @@ def get_args_parser():
     g.add_argument("--checkpoint_every", type=float, default=60.0, metavar="SECONDS",
                    help="how often the checkpoints go to disk: after the first epoch that ends SECONDS or more after "
                    "the last write (default 60), after the last epoch, and when the run is interrupted (Ctrl-C, "
-                   "SIGTERM) or stopped; 0 = after every epoch, as earlier versions. Every epoch is still kept in "
+                   "SIGTERM) or stopped; 0 = after every epoch (the default before commit 60716b0). Every epoch is still kept in "
                    "memory until then, so an interruption loses no finished epoch; a hard kill (SIGKILL, power loss) "
                    "loses at most SECONDS of training, which --resume trains again to the same weights. Short epochs "
                    "(the demo's, seconds on a CPU) then do not each pay for writing last.pth's 135 MB "
@@ -341,7 +342,8 @@ def make_loader(dataset, labels, cfg, device, mp_context=None):
 
 
 def compiled(net, mode):
-    """net through torch.compile in mode (True, from runs of earlier versions, is 'default'); False: net."""
+    """net through torch.compile in mode (True, recorded by runs before --compile took a mode, is 'default');
+    False: net."""
     if not mode:
         return net
     return torch.compile(net) if mode in (True, "default") else torch.compile(net, mode=mode)

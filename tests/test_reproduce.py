@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -180,3 +181,23 @@ def test_the_demo_removes_its_weights_after_evaluation_and_a_rerun_reuses_the_re
     with pytest.raises(SystemExit):
         validation.main(["--model_root", str(fine / "proposed"), "--test_data_root", str(other), "--precision", "bf16"])
     assert "weights were removed after its evaluation" in capfd.readouterr().err
+
+
+def test_the_demo_caps_its_runs_kernels_at_avx2_unless_told_otherwise(capsys, monkeypatch):
+    """--cpu_isa avx2 (the default) runs reproduce.py with torch's, oneDNN's and MKL's kernels capped at
+    AVX2 (the docs' tables on any x86-64 CPU with AVX2); native sets nothing; a variable already set wins."""
+    import platform
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for k in demo.CPU_ISA["avx2"]:
+        monkeypatch.delenv(k, raising=False)
+    demo.main(["--dry_run", "--conditions", "fine"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ")
+    demo.main(["--dry_run", "--conditions", "fine", "--cpu_isa", "native"])
+    assert capsys.readouterr().out.startswith(sys.executable)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    demo.main(["--dry_run", "--conditions", "fine"])
+    assert "ATEN_CPU_CAPABILITY" not in capsys.readouterr().out
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    demo.main(["--dry_run", "--conditions", "fine"])
+    assert capsys.readouterr().out.startswith(sys.executable)
