@@ -107,7 +107,8 @@ def draw_plan(augment, variants, keys, labels):
 
 def merge_plans(plans, variants):
     """Consecutive batches' plans as one plan (the images one after the other, sorted by variant anew),
-    so that one application serves them all: the same pixels, fewer kernel launches per image."""
+    so that one application serves them all: the same pixels, fewer kernel launches per image. Plans
+    of the plain augmentation (index and label only) need no variants (None)."""
     if len(plans) == 1:
         return plans[0]
     plan = {k: torch.cat([p[k] for p in plans], dim=1 if k == "variant" else 0)

@@ -134,11 +134,8 @@ class DevicePrefetch(threading.Thread):
     def prepare_chunk(self, plans):
         """Consecutive batches' plans -> their batches, prepared together."""
         sizes = [len(p["index"]) for p in plans]
-        if self.applier is None:
-            merged = {k: torch.cat([p[k] for p in plans]) for k in ("index", "label")}
-        else:
-            merged = augment.merge_plans(plans, self.applier.variants(*self.cache.shape[-2:]))
-        x, y = self.prepare(merged)
+        variants = self.applier.variants(*self.cache.shape[-2:]) if self.applier is not None else None
+        x, y = self.prepare(augment.merge_plans(plans, variants))
         return list(zip(x.split(sizes), y.split(sizes)))
 
     def run(self):
