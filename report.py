@@ -50,7 +50,8 @@ def get_args_parser():
 
 def load_results(save_root, select="train_acc"):
     """-> [(variant, {ratio: ratio entry}, {'test_data_root', 'precision', 'path'})] in the table's method
-    order, from the variant folders' results.json. A ratio is the whole tuple of its parts (1.0, 0.1), so
+    order, from the variant folders' results.json, or, where no variant folder has one, from the file
+    validation.py writes over the whole save root (results/ keeps only that one). A ratio is the whole tuple of its parts (1.0, 0.1), so
     that 1:0.5:0.1 and 1:0.2:0.1 stay two cells. A method whose runs all failed (an evaluation after a
     Slurm array whose tasks of that method failed) is listed with no cell."""
     if not os.path.isdir(save_root):
@@ -71,6 +72,18 @@ def load_results(save_root, select="train_acc"):
             meta = {"test_data_root": res.get("test_data_root"), "precision": res.get("precision"),
                     "select": res.get("select", "train_acc"), "path": path}
             out.append((v, {tuple(e["ratio"]): e for e in ratios.values()}, meta))
+    combined = os.path.join(save_root, results_name(select))
+    if not out and os.path.isfile(combined):    # validation.py's file over the whole root (results/ keeps only it)
+        try:
+            with open(combined, encoding="utf-8") as f:
+                res = json.load(f)
+            variants = res["variants"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{combined} is not a results.json of validation.py ({type(e).__name__}: {e})")
+        meta = {"test_data_root": res.get("test_data_root"), "precision": res.get("precision"),
+                "select": res.get("select", "train_acc"), "path": combined}
+        out = [(v, {tuple(e["ratio"]): e for e in variants[v].values()}, meta)
+               for v in sorted(variants, key=lambda v: (order.index(v) if v in order else len(order), v))]
     if not out:
         raise UserError(f"no <variant>/{results_name(select)} under {save_root}; run validation.py"
                         + ("" if select == "train_acc" else f" --select {select}") + " first")

@@ -89,8 +89,17 @@ def get_args_parser():
                    f"{', '.join(PROBE_METHODS)} at 1:0.01 (fine, seed 1) for EPOCHS epochs in the regime's "
                    "initialisation and plot their training loss and balanced Train Acc per epoch "
                    "(<save_root>/probe/convergence.png)")
+    p.add_argument("--cpu_isa", choices=tuple(demo.CPU_ISA), default="avx2", help="the instruction set the runs' "
+                   "CPU kernels may use, as demo.py --cpu_isa: avx2 (the default) gives results/'s numbers on x86-64 "
+                   "CPUs with AVX-512 too; native lets each kernel use the CPU's best, which changes the last bits "
+                   "and, through training, the accuracies. A variable already set in the environment wins")
     p.add_argument("--dry_run", action="store_true", help="print the reproduce.py commands only")
     return p
+
+
+def run(cmd, args, **kw):
+    """subprocess.run with the variables of --cpu_isa (demo.isa_env) -> its exit status."""
+    return subprocess.run(cmd, env={**os.environ, **demo.isa_env(args)}, **kw).returncode
 
 
 def resolve(args):
@@ -144,11 +153,11 @@ def build_backbone(args):
                  "--seed", str(settings["seed"]), "--device", "cpu", "--keep_selected", "train_acc", "--no-keep_last"]
     print(f"backbone: training on {len(BACKBONE_CLASSES)} classes x {settings['images_per_class']} images\n$ "
           + " ".join(train_cmd), flush=True)
-    if subprocess.run(train_cmd).returncode != 0:
+    if run(train_cmd, args) != 0:
         raise UserError("the backbone's training stopped (its message is above); re-run to try again")
     val_cmd = [sys.executable, os.path.join(HERE, "validation.py"), "--model_root", os.path.join(runs, "baseline"),
                "--test_data_root", roots["valid"], "--device", "cpu"]
-    if subprocess.run(val_cmd, stdout=subprocess.DEVNULL).returncode != 0:
+    if run(val_cmd, args, stdout=subprocess.DEVNULL) != 0:
         raise UserError("the backbone's evaluation failed (its message is above)")
     with open(os.path.join(runs, "baseline", "results.json"), encoding="utf-8") as f:
         run = json.load(f)["variants"]["baseline"]["all"]["runs"][0]
@@ -180,7 +189,7 @@ def probe(args, roots, weights):
     cmd[cmd.index("--num_epochs") + 1] = str(args.probe)
     cmd[cmd.index("--test_data_root"):cmd.index("--test_data_root") + 2] = []      # training only
     print("$ " + " ".join(cmd), flush=True)
-    if subprocess.run(cmd).returncode != 0:
+    if run(cmd, args) != 0:
         raise UserError("the probe stopped (its message is above); re-run to continue")
     curves = {}
     for name in PROBE_METHODS:
@@ -215,8 +224,9 @@ def main(argv=None):
         roots = {c: {s: os.path.join(args.data_dir, c, s) for s in demo.SPLITS} for c in args.conditions}
         weights = "none" if REGIMES[args.regime]["weights"] == "none" else os.path.join(args.backbone_dir,
                                                                                          "backbone.pth")
+        prefix = "".join(f"{k}={v} " for k, v in demo.isa_env(args).items())
         for cond in args.conditions:
-            print(" ".join(reproduce_command(args, cond, roots, weights)))
+            print(prefix + " ".join(reproduce_command(args, cond, roots, weights)))
         return
     ensure_output_dir(args.save_root, "--save_root")
     ensure_output_dir(args.data_dir, "--data_dir")
@@ -227,13 +237,14 @@ def main(argv=None):
         return probe(args, roots, weights)
     log = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "cpu": cpu_name(),
            "cpus": available_cpus(), "machine_cpus": os.cpu_count(), "regime": args.regime,
-           "argv": sys.argv[1:] if argv is None else list(argv), "conditions": {}}
+           "argv": sys.argv[1:] if argv is None else list(argv), "isa_env": demo.isa_env(args), "conditions": {}}
     failed = []
     for cond in args.conditions:
         cmd = reproduce_command(args, cond, roots, weights)
-        print(f"\n== {cond}: {' vs '.join(demo.CONDITIONS[cond])}\n$ {' '.join(cmd)}", flush=True)
+        prefix = "".join(f"{k}={v} " for k, v in demo.isa_env(args).items())
+        print(f"\n== {cond}: {' vs '.join(demo.CONDITIONS[cond])}\n$ {prefix}{' '.join(cmd)}", flush=True)
         t = time.time()
-        rc = subprocess.run(cmd).returncode
+        rc = run(cmd, args)
         log["conditions"][cond] = {"seconds": round(time.time() - t), "exit": rc}
         if rc != 0:
             failed.append(cond)

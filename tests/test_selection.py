@@ -194,3 +194,26 @@ def test_the_study_records_its_time_machine_and_the_cpus_it_may_use(tmp_path, mo
     log = json.load(open(tmp_path / "runs" / "study_time.json"))
     assert log["cpus"] == 1 and log["machine_cpus"] == os.cpu_count() and log["cpu"] == utils.cpu_name()
     assert log["regime"] == "scratch" and log["conditions"]["fine"]["exit"] == 0 and log["seconds"] >= 0
+
+
+def test_the_study_caps_the_cpu_kernels_as_the_demo_does(capsys, tmp_path, monkeypatch):
+    """study.py --cpu_isa avx2 (the default) runs reproduce.py, the backbone's training and the probe with
+    the variables demo.py sets, so that results/ repeats on x86-64 CPUs with AVX-512; native sets none."""
+    import platform
+    import study
+    for k in study.demo.CPU_ISA["avx2"]:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    study.main(["--dry_run", "--conditions", "fine"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ")
+    study.main(["--dry_run", "--conditions", "fine", "--cpu_isa", "native"])
+    assert capsys.readouterr().out.startswith(sys.executable)
+    seen = []
+    monkeypatch.setattr(study.demo, "build_image_folders", lambda *a: {})
+    monkeypatch.setattr(study, "reproduce_command", lambda *a: [sys.executable, "-c", "import os; print(os.environ['MKL_CBWR'])"])
+    real_run = study.subprocess.run
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, env, **kw: seen.append(env["MKL_CBWR"]) or real_run(cmd, env=env, **kw))
+    study.main(["--save_root", str(tmp_path / "runs"), "--data_dir", str(tmp_path / "data"), "--conditions", "fine"])
+    assert seen == ["AVX2"]
+    assert json.load(open(tmp_path / "runs" / "study_time.json"))["isa_env"]["MKL_CBWR"] == "AVX2"
