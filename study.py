@@ -97,7 +97,7 @@ def get_args_parser():
     return p
 
 
-def run(cmd, args, **kw):
+def run_capped(cmd, args, **kw):
     """subprocess.run with the variables of --cpu_isa (demo.isa_env) -> its exit status."""
     return subprocess.run(cmd, env={**os.environ, **demo.isa_env(args)}, **kw).returncode
 
@@ -153,11 +153,11 @@ def build_backbone(args):
                  "--seed", str(settings["seed"]), "--device", "cpu", "--keep_selected", "train_acc", "--no-keep_last"]
     print(f"backbone: training on {len(BACKBONE_CLASSES)} classes x {settings['images_per_class']} images\n$ "
           + " ".join(train_cmd), flush=True)
-    if run(train_cmd, args) != 0:
+    if run_capped(train_cmd, args) != 0:
         raise UserError("the backbone's training stopped (its message is above); re-run to try again")
     val_cmd = [sys.executable, os.path.join(HERE, "validation.py"), "--model_root", os.path.join(runs, "baseline"),
                "--test_data_root", roots["valid"], "--device", "cpu"]
-    if run(val_cmd, args, stdout=subprocess.DEVNULL) != 0:
+    if run_capped(val_cmd, args, stdout=subprocess.DEVNULL) != 0:
         raise UserError("the backbone's evaluation failed (its message is above)")
     with open(os.path.join(runs, "baseline", "results.json"), encoding="utf-8") as f:
         run = json.load(f)["variants"]["baseline"]["all"]["runs"][0]
@@ -189,7 +189,7 @@ def probe(args, roots, weights):
     cmd[cmd.index("--num_epochs") + 1] = str(args.probe)
     cmd[cmd.index("--test_data_root"):cmd.index("--test_data_root") + 2] = []      # training only
     print("$ " + " ".join(cmd), flush=True)
-    if run(cmd, args) != 0:
+    if run_capped(cmd, args) != 0:
         raise UserError("the probe stopped (its message is above); re-run to continue")
     curves = {}
     for name in PROBE_METHODS:
@@ -244,7 +244,7 @@ def main(argv=None):
         prefix = "".join(f"{k}={v} " for k, v in demo.isa_env(args).items())
         print(f"\n== {cond}: {' vs '.join(demo.CONDITIONS[cond])}\n$ {prefix}{' '.join(cmd)}", flush=True)
         t = time.time()
-        rc = run(cmd, args)
+        rc = run_capped(cmd, args)
         log["conditions"][cond] = {"seconds": round(time.time() - t), "exit": rc}
         if rc != 0:
             failed.append(cond)
