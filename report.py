@@ -1,6 +1,7 @@
 """Table 1 and Figure 3 of the paper from validation.py's results.json files.
 
     python3 report.py --save_root ./saved_runs [--paper fine] [--out DIR]
+    python3 report.py --docs [--check]      # the docs' results tables from results/ (record.py)
 
 Writes table1.md (minority-class accuracy, mean ± std over runs, per variant x ratio), table1.csv
 (every class and metric) and figure3.png (per-class accuracy vs imbalance ratio, log x axis, one line
@@ -33,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def get_args_parser():
     p = command_line(__doc__)
-    p.add_argument("--save_root", required=True, help="folder holding <variant>/results.json")
+    p.add_argument("--save_root", help="folder holding <variant>/results.json (required unless --docs)")
     p.add_argument("--out", default=None, help="output folder (default: --save_root)")
     p.add_argument("--paper", choices=["coarse", "fine"], default=None, help="add the paper's Table 1 rows")
     p.add_argument("--minority", default=None, help="class shown in table1.md and compared as 'minority accuracy' (default: the last of the "
@@ -45,6 +46,10 @@ def get_args_parser():
                    "of model selection (validation.py --select): train_acc (default, the paper's rule) reads "
                    "results.json and writes to --save_root; another rule reads results_<rule>.json and writes to "
                    "<save_root>/select_<rule>/ unless --out is given")
+    p.add_argument("--docs", action="store_true", help="instead: render every results table of README.md and "
+                   "docs/results.md, and docs/headline.png, from the committed results/ (record.py)")
+    p.add_argument("--check", action="store_true", help="with --docs: change nothing, and exit 1 naming each "
+                   "generated block of the docs that differs from what results/ gives")
     return p
 
 
@@ -399,6 +404,19 @@ def comparison_figure(rows, reference, path):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.docs:
+        import record
+        changed = record.update_docs(check=args.check)
+        for path, names in changed:
+            print(f"{path}: {'differs from results/ in' if args.check else 're-rendered'} {' '.join(names)}")
+        if args.check and changed:
+            raise SystemExit(1)
+        print("the docs' tables are results/'s" if not changed else "")
+        return
+    if args.check:
+        raise UserError("--check goes with --docs")
+    if not args.save_root:
+        raise UserError("--save_root is required (the folder holding <variant>/results.json), unless --docs")
     if not os.path.isdir(args.save_root):
         raise UserError(f"--save_root {args.save_root} does not exist")
     default_out = args.save_root if args.select == "train_acc" else os.path.join(args.save_root, f"select_{args.select}")

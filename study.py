@@ -45,9 +45,9 @@ REGIMES = {
     # the fine condition only (the paper's question) and the 9 methods the study needs at least; focal left out
     # (behind class-balanced weights and logit adjustment in regime 1), oversample+fscl_neg1 too (within 0.002
     # balanced accuracy of the paper's T = 0 in regime 1). At 20 epochs this is 4.4 million training images:
-    # about 3 hours on the faster 2-core machine and 10 on the AMD EPYC (its 1:0.005 cells of 5 methods,
-    # 0.84 million images, took 1 h 56 min there; docs/results.md), not 2. Kept: fewer methods would drop
-    # ones the study needs, fewer epochs would leave LDAM-DRW no re-weighted epochs (the probe)
+    # about 11 h 20 min on the AMD EPYC without AVX-512 (2026-11-30, in parts; docs/performance.md). Kept:
+    # fewer methods would drop ones the study needs, fewer epochs would leave LDAM-DRW no re-weighted epochs
+    # (the probe)
     "pretrained": {"conditions": ["fine"], "methods": ["baseline", "contrastive", "oversampling", "proposed", "la",
                                                        "ldam_drw", "cb", "sqrt", "oversample+supcon"],
                    "ratios": ["0.1", "0.01", "0.005"], "num_epochs": 20, "weights": "backbone",

@@ -6,7 +6,7 @@ import re
 
 from conftest import ROOT
 
-PAGES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+PAGES = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "CHANGELOG.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
 def headings(path):
@@ -53,5 +53,6 @@ def test_the_front_page_is_short_and_links_every_reference_page():
     linked = {os.path.normpath(os.path.join(ROOT, t.partition("#")[0])) for t in links(readme)}
     for page in PAGES[1:]:
         assert page in linked, f"{page} is not linked from README.md"
-    first_screen = "\n".join(lines[:60])
-    assert "does not beat oversampling" in first_screen and "![" in first_screen and "Quickstart" in first_screen
+    first_screen = "\n".join(lines[:40])      # the finding with its intervals, a figure, the quickstart
+    assert "does not beat oversampling" in first_screen and "95% CI" in first_screen and "![" in first_screen
+    assert "## Quickstart" in first_screen and "demo.py" in first_screen and "pytest" in first_screen
