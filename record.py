@@ -180,11 +180,12 @@ def regime2_remedy(t2):
     rows = {m: t2[(m, R0005, "balanced_accuracy")] for m in LOSS_REMEDIES if (m, R0005, "balanced_accuracy") in t2}
     best = max(rows, key=lambda m: rows[m]["mean_diff"])
     r, rm, rj = rows[best], t2[(best, R0005, "minority")], t2[(best, R0005, "majority")]
-    where = {"better": "ahead of", "worse": "behind"}.get(r["verdict"], "level with")
-    sig = "" if r["verdict"] == "n.s." else "significantly "
+    where = "ahead of" if r["mean_diff"] > 0 else "behind"
+    sig = "significantly " if r["verdict"] != "n.s." else ""
+    after = "" if sig else ", not significant after Holm's correction"
     return (f"With the backbone and 20 epochs at 1:0.005, {NAMES[best]} is {sig}{where} oversampling in balanced "
-            f"accuracy ({diff(r)}): it finds more shirts ({diff(rm, ci=False)}) and calls fewer T-shirts "
-            f"T-shirts ({diff(rj, ci=False)}).")
+            f"accuracy ({diff(r)}{after}): it finds more shirts ({diff(rm, ci=False)}) and gets fewer T-shirts "
+            f"right ({diff(rj, ci=False)}).")
 
 
 def headline_figure(path):
