@@ -132,6 +132,11 @@ def isa_env(args):
     return {k: v for k, v in CPU_ISA[args.cpu_isa].items() if k not in os.environ}
 
 
+def isa_prefix(args):
+    """The variables of isa_env as a shell prefix ('' when none), for the commands printed."""
+    return "".join(f"{k}={v} " for k, v in isa_env(args).items())
+
+
 def reproduce_command(args, cond, roots):
     return [sys.executable, os.path.join(HERE, "reproduce.py"),
             "--train_data_root", roots[cond]["train"], "--test_data_root", roots[cond]["valid"],
@@ -165,8 +170,7 @@ def main(argv=None):
     bad = [c for c in args.conditions if c not in CONDITIONS]
     if bad:
         raise UserError(f"--conditions {' '.join(bad)}: choose from {' '.join(CONDITIONS)}")
-    env = isa_env(args)
-    prefix = "".join(f"{k}={v} " for k, v in env.items())
+    env, prefix = isa_env(args), isa_prefix(args)
     if args.dry_run:
         roots = {c: {s: os.path.join(args.data_dir, c, s) for s in SPLITS} for c in args.conditions}
         for cond in args.conditions:

@@ -54,6 +54,19 @@ def load(result, cond, select="train_acc"):
 
 
 @functools.lru_cache(maxsize=None)
+def paper(cond):
+    """The paper's Table 1 for a condition (paper_table1.json, as report.py --paper reads it)."""
+    with open(os.path.join(HERE, "paper_table1.json"), encoding="utf-8") as f:
+        return json.load(f)[cond]
+
+
+def paper_value(cond, method, ratio):
+    """The paper's minority accuracy for a method at a two-class ratio, None where it reports none."""
+    table = paper(cond)
+    return dict(zip(table["ratios"], table[method])).get(ratio[1]) if method in table else None
+
+
+@functools.lru_cache(maxsize=None)
 def provenance(result):
     path = os.path.join(RESULTS, result, "provenance.json")
     try:
@@ -114,10 +127,6 @@ def epochs_by_seed(entry):
     return f"{picked[0]} in every run" if len(set(picked)) == 1 else ",".join(picked)
 
 
-def ratio_head(ratio):
-    return f"1:{report.ratio_label(ratio)}"
-
-
 def label(ratio):
     return f"1:{ratio[1]:g}"
 
@@ -141,10 +150,7 @@ def headline():
     c2 = cells("study_regime2", "fine", "last")
     cf = cells("study_regime1", "fine", "last")
     mino = f"acc[{classes('study_regime1', 'fine')[-1]}]"
-    with open(os.path.join(HERE, "paper_table1.json"), encoding="utf-8") as f:
-        paper = json.load(f)["fine"]
-    pp = dict(zip(paper["ratios"], paper["proposed"]))[0.005]
-    po = dict(zip(paper["ratios"], paper["oversampling"]))[0.005]
+    pp, po = paper_value("fine", "proposed", R0005), paper_value("fine", "oversampling", R0005)
     both_ns = pf["verdict"] == "n.s." and pc["verdict"] == "n.s."
     ruled_out = max(pf["ci_high"], pc["ci_high"])
     base = tf[("baseline", R001, "minority")]
@@ -222,28 +228,33 @@ def headline_figure(path):
 
 
 def demo_table(cond):
-    with open(os.path.join(HERE, "paper_table1.json"), encoding="utf-8") as f:
-        paper = json.load(f)[cond]
-    res = list(load("demo", cond))
-    return report.markdown_table(res, classes("demo", cond)[-1], paper, "train_acc")
+    return report.markdown_table(list(load("demo", cond)), classes("demo", cond)[-1], paper(cond), "train_acc")
 
 
-def summary_table(result, cond, select, ratios):
-    """Per method: balanced, minority and majority accuracy (mean ± std over the runs) per ratio, and the
-    epoch the rule chose in each run of the last ratio (by seed)."""
+def summary_rows(result, cond, select, ratios, with_paper=False):
+    """The table's lines: per method, balanced, minority and majority accuracy (mean ± std over the runs)
+    per ratio, the epoch the rule chose in each run of the last ratio (by seed), and with_paper the
+    paper's Table 1 value per ratio ('–' where it has none)."""
     cls = classes(result, cond)
     keys = [("balanced_accuracy", "balanced"), (f"acc[{cls[-1]}]", cls[-1]), (f"acc[{cls[0]}]", cls[0])]
-    head = [f"{what} {label(r)}" for _, what in keys for r in ratios]
-    out = ["| method | " + " | ".join(head) + f" | epochs chosen {label(ratios[-1])} |",
-           "|---" * (len(head) + 2) + "|"]
+    head = [f"{what} {label(r)}" for _, what in keys for r in ratios] + [f"epochs chosen {label(ratios[-1])}"]
+    head += [f"paper {label(r)}" for r in ratios] if with_paper else []
+    out = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name, c in cells(result, cond, select).items():
         if not all(r in c for r in ratios):
             continue
-        vals = [ms(c[r], k) for k, _ in keys for r in ratios]
-        out.append(f"| {name} | " + " | ".join(vals) + f" | {epochs_by_seed(c[ratios[-1]])} |")
+        vals = [ms(c[r], k) for k, _ in keys for r in ratios] + [epochs_by_seed(c[ratios[-1]])]
+        if with_paper:
+            vals += ["–" if v is None else f"{v:.3f}" for v in (paper_value(cond, name, r) for r in ratios)]
+        out.append(f"| {name} | " + " | ".join(vals) + " |")
+    return out
+
+
+def summary_table(result, cond, select, ratios):
     n = {e["summary"]["n_runs"] for c in cells(result, cond, select).values() for e in c.values()}
     return (f"Mean ± sample std over {'/'.join(map(str, sorted(n)))} runs per cell on the 2,000 test images; "
-            f"the last column lists the epoch each run was read at, by seed.\n\n" + "\n".join(out) + "\n")
+            f"the last column lists the epoch each run was read at, by seed.\n\n"
+            + "\n".join(summary_rows(result, cond, select, ratios)) + "\n")
 
 
 def compare_table(result, cond, select, reference):
@@ -271,19 +282,10 @@ def rules_table():
 def regime2_table():
     """Per rule, every method's balanced, Shirt and T-shirt accuracy at each ratio of results/study_regime2
     and the epochs chosen at the most imbalanced, with the paper's Table 1 value (roe deer) where it has one."""
-    with open(os.path.join(HERE, "paper_table1.json"), encoding="utf-8") as f:
-        paper = json.load(f)["fine"]
     ratios = tuple(report.ratio_order(cells("study_regime2", "fine")["oversampling"]))
     out = []
     for rule, text in RULES:
-        table = summary_table("study_regime2", "fine", rule, ratios).split("\n\n", 1)[1].rstrip("\n").split("\n")
-        table[0] += "".join(f" paper {label(r)} |" for r in ratios)
-        table[1] += "---|" * len(ratios)
-        for i, line in enumerate(table[2:], 2):
-            name = line.split(" | ")[0].lstrip("| ")
-            pv = dict(zip(paper["ratios"], paper[name])) if name in paper else {}
-            table[i] += "".join(f" {pv[r[1]]:.3f} |" if r[1] in pv else " – |" for r in ratios)
-        out += [f"Under {text}:", ""] + table + [""]
+        out += [f"Under {text}:", ""] + summary_rows("study_regime2", "fine", rule, ratios, with_paper=True) + [""]
     return ("Mean ± sample std over 10 runs per cell on the 2,000 test images; the epochs chosen are each run's, "
             "by seed; the paper's columns are its Table 1 (roe deer among water deer, 224 px, 100 epochs from "
             "ImageNet weights).\n\n" + "\n".join(out))
@@ -332,7 +334,7 @@ def verbatim(path):
 
 BLOCKS = {
     "headline": headline,
-    "headline_where": lambda: f"Regime 1: {where('study_regime1')}. Regime 2 at 1:0.005: {where('study_regime2')}.\n",
+    "headline_where": lambda: f"Regime 1: {where('study_regime1')}. Regime 2: {where('study_regime2')}.\n",
     "demo_where": lambda: where("demo") + ".\n",
     "demo_fine": lambda: demo_table("fine"),
     "demo_coarse": lambda: demo_table("coarse"),

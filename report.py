@@ -53,42 +53,40 @@ def get_args_parser():
     return p
 
 
+def read_results(path, variants=None, hint=""):
+    """One results.json of validation.py -> [(variant, {ratio: ratio entry}, meta)] for variants (default:
+    every variant it holds); UserError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+        held = {v: res["variants"][v] for v in (variants or res["variants"])}
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path} is not a results.json of validation.py"
+                        + (f" for {', '.join(map(repr, variants))}" if variants else "") + f" ({type(e).__name__}: {e}){hint}")
+    meta = {"test_data_root": res.get("test_data_root"), "precision": res.get("precision"),
+            "select": res.get("select", "train_acc"), "path": path}
+    return [(v, {tuple(e["ratio"]): e for e in ratios.values()}, meta) for v, ratios in held.items()]
+
+
 def load_results(save_root, select="train_acc"):
     """-> [(variant, {ratio: ratio entry}, {'test_data_root', 'precision', 'path'})] in the table's method
     order, from the variant folders' results.json, or, where no variant folder has one, from the file
-    validation.py writes over the whole save root (results/ keeps only that one). A ratio is the whole tuple of its parts (1.0, 0.1), so
-    that 1:0.5:0.1 and 1:0.2:0.1 stay two cells. A method whose runs all failed (an evaluation after a
-    Slurm array whose tasks of that method failed) is listed with no cell."""
+    validation.py writes over the whole save root (results/ keeps only that one). A ratio is the whole
+    tuple of its parts (1.0, 0.1), so that 1:0.5:0.1 and 1:0.2:0.1 stay two cells. A method whose runs all
+    failed (an evaluation after a Slurm array whose tasks of that method failed) is listed with no cell."""
     if not os.path.isdir(save_root):
         raise UserError(f"--save_root {save_root} does not exist")
     order = list(METHODS)   # the paper's four, then the baselines, then any other method by name
-    names = sorted(os.listdir(save_root), key=lambda v: (order.index(v) if v in order else len(order), v))
+    in_order = lambda names: sorted(names, key=lambda v: (order.index(v) if v in order else len(order), v))
     out = []
-    for v in names:
+    for v in in_order(os.listdir(save_root)):
         path = os.path.join(save_root, v, results_name(select))
         if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    res = json.load(f)
-                ratios = res["variants"][v]
-            except (OSError, ValueError, KeyError) as e:
-                raise UserError(f"{path} is not a results.json of validation.py for {v!r} ({type(e).__name__}: {e}); "
-                                f"run validation.py --model_root {os.path.join(save_root, v)} again")
-            meta = {"test_data_root": res.get("test_data_root"), "precision": res.get("precision"),
-                    "select": res.get("select", "train_acc"), "path": path}
-            out.append((v, {tuple(e["ratio"]): e for e in ratios.values()}, meta))
+            out += read_results(path, [v], f"; run validation.py --model_root {os.path.join(save_root, v)} again")
     combined = os.path.join(save_root, results_name(select))
     if not out and os.path.isfile(combined):    # validation.py's file over the whole root (results/ keeps only it)
-        try:
-            with open(combined, encoding="utf-8") as f:
-                res = json.load(f)
-            variants = res["variants"]
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{combined} is not a results.json of validation.py ({type(e).__name__}: {e})")
-        meta = {"test_data_root": res.get("test_data_root"), "precision": res.get("precision"),
-                "select": res.get("select", "train_acc"), "path": combined}
-        out = [(v, {tuple(e["ratio"]): e for e in variants[v].values()}, meta)
-               for v in sorted(variants, key=lambda v: (order.index(v) if v in order else len(order), v))]
+        by_name = {v: (v, cells, meta) for v, cells, meta in read_results(combined)}
+        out = [by_name[v] for v in in_order(by_name)]
     if not out:
         raise UserError(f"no <variant>/{results_name(select)} under {save_root}; run validation.py"
                         + ("" if select == "train_acc" else f" --select {select}") + " first")
@@ -411,7 +409,8 @@ def main(argv=None):
             print(f"{path}: {'differs from results/ in' if args.check else 're-rendered'} {' '.join(names)}")
         if args.check and changed:
             raise SystemExit(1)
-        print("the docs' tables are results/'s" if not changed else "")
+        if not changed:
+            print("the docs' tables are results/'s")
         return
     if args.check:
         raise UserError("--check goes with --docs")

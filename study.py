@@ -224,7 +224,7 @@ def main(argv=None):
         roots = {c: {s: os.path.join(args.data_dir, c, s) for s in demo.SPLITS} for c in args.conditions}
         weights = "none" if REGIMES[args.regime]["weights"] == "none" else os.path.join(args.backbone_dir,
                                                                                          "backbone.pth")
-        prefix = "".join(f"{k}={v} " for k, v in demo.isa_env(args).items())
+        prefix = demo.isa_prefix(args)
         for cond in args.conditions:
             print(prefix + " ".join(reproduce_command(args, cond, roots, weights)))
         return
@@ -241,7 +241,7 @@ def main(argv=None):
     failed = []
     for cond in args.conditions:
         cmd = reproduce_command(args, cond, roots, weights)
-        prefix = "".join(f"{k}={v} " for k, v in demo.isa_env(args).items())
+        prefix = demo.isa_prefix(args)
         print(f"\n== {cond}: {' vs '.join(demo.CONDITIONS[cond])}\n$ {prefix}{' '.join(cmd)}", flush=True)
         t = time.time()
         rc = run_capped(cmd, args)
